@@ -7,6 +7,7 @@ Checkpoints are plain dicts of tensors and primitives, so they load with
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def library_versions(*packages: str) -> dict[str, str]:
     """Versions of toolkit, torch and `packages` (read from metadata: importing costs seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"toolkit": __version__, "torch": torch.__version__}
+    versions = {"toolkit": __version__, "torch": str(torch.__version__)}
     for package in packages:
         try:
             versions[package] = version(package)
@@ -53,10 +54,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        detail = f" ({found.group(1)})" if found else ""
         raise ToolkitError(
-            f"refusing to load {path}: it holds objects that are not plain weights and could "
-            f"run code when unpickled ({first})"
+            f"refusing to load {path}: it holds objects that are not plain weights{detail} "
+            f"and could run code when unpickled"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ToolkitError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from exc

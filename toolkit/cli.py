@@ -57,26 +57,29 @@ def train(
     arch: Annotated[str, typer.Argument(help="Model name from `toolkit models`, e.g. lenet.")],
     dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, kmnist or emnist-digits.")] = "mnist",
     data_dir: DataDirOption = None,
-    recipe: Annotated[RecipeName, typer.Option(help="default: fast and accurate; notebook: the classic course setting.")] = RecipeName.default,
+    recipe: Annotated[
+        RecipeName, typer.Option(help="default: fast and accurate; notebook: the classic course setting.")
+    ] = RecipeName.default,
     epochs: Annotated[int | None, typer.Option(help="Epochs [default: from the recipe].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [default: from the recipe].")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: from the recipe].")] = None,
     optimizer: Annotated[Optimizer | None, typer.Option(help="[default: from the recipe]")] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
     scheduler: Annotated[Scheduler | None, typer.Option(help="[default: from the recipe]")] = None,
-    augment: Annotated[bool, typer.Option(help="Random affine + elastic distortion on the device.")] = False,
+    augment: Annotated[bool, typer.Option(help="Random affine + elastic distortion, batched.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
     device: Annotated[Device, typer.Option(help="auto: CUDA when usable, else CPU.")] = Device.auto,
-    limit_train: Annotated[int | None, typer.Option(help="Use only the first N training images (smoke runs).")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Train on the first N images only.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="Run name [default: ARCH-TIMESTAMP].")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this dir from its last.pt.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a run dir from its last.pt.")] = None,
 ) -> None:
     """Train ARCH and write runs/NAME/ with best.pt, last.pt, metrics.json, curves.png.
 
     Example: toolkit train lenet --epochs 3 --data-dir ../shared/mnist
     """
-    from toolkit.train import load_resume_state, make_config, train as run_training
+    from toolkit.train import load_resume_state, make_config
+    from toolkit.train import train as run_training
 
     if resume is not None:
         _, _, config = load_resume_state(resume)

@@ -10,9 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from toolkit.fileio import atomic_path  # noqa: E402
+from toolkit.fileio import atomic_path
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

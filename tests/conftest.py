@@ -1,0 +1,44 @@
+"""Shared fixtures: real MNIST from ../shared/mnist, one LeNet trained by the toolkit, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("TOOLKIT_TEST_MNIST", REPO.parent / "shared" / "mnist")).resolve()
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Tests never download: point the toolkit at the local copy and forbid the network.
+os.environ["TOOLKIT_DATA_DIR"] = str(MNIST_DIR)
+os.environ["TOOLKIT_OFFLINE"] = "1"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m toolkit ARGS` as a user would, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
+        pytest.fail(f"MNIST not found at {MNIST_DIR}; set TOOLKIT_TEST_MNIST")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A LeNet trained with the default recipe through the CLI: the run dir."""
+    runs = tmp_path_factory.mktemp("runs")
+    result = run_cli("train", "lenet", "--runs-dir", runs, "--name", "lenet-default",
+                     "--data-dir", mnist_dir, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return runs / "lenet-default"
