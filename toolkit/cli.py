@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.verify import ParityReport
 
 app = typer.Typer(
     name="toolkit",
@@ -103,6 +106,125 @@ def train(
             f"{result.train_seconds:.1f}s of training"
         )
         console.print(f"run directory: {result.run_dir}")
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+    all = "all"
+    triton = "triton"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+AtolOption = Annotated[float, typer.Option(help="Absolute logit tolerance for fp32 backends.")]
+RtolOption = Annotated[float, typer.Option(help="Relative logit tolerance for fp32 backends.")]
+AccDropOption = Annotated[
+    float, typer.Option(help="Largest accuracy drop (points) allowed for int8/fp16 models.")
+]
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="A checkpoint [default: best.pt of the newest run under --runs-dir].")
+    ] = None,
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="What to write.")] = ExportFormat.onnx,
+    out: Annotated[Path | None, typer.Option(help="Export dir [default: exports/RUN_NAME].")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: the exporter's].")] = None,
+    quantize: Annotated[str | None, typer.Option(help="'int8': also write a static QDQ model.int8.onnx.")] = None,
+    fp16: Annotated[bool, typer.Option(help="Also write model.fp16.onnx.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check parity before replacing the previous export.")] = True,
+    atol: AtolOption = 1e-5,
+    rtol: RtolOption = 1e-4,
+    max_acc_drop: AccDropOption = 0.3,
+    data_dir: DataDirOption = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+) -> None:
+    """Export a checkpoint to ONNX / TorchScript / torch.export / Triton and prove parity.
+
+    Example: toolkit export runs/lenet-demo/best.pt --format all --quantize int8
+    """
+    from toolkit.checkpoint import newest_run_checkpoint
+    from toolkit.export import ExportOptions, export_checkpoint, staged_directory
+    from toolkit.verify import attach_parity
+
+    if checkpoint is None:
+        checkpoint = newest_run_checkpoint(runs_dir)
+        console.print(f"using the newest run's checkpoint: {checkpoint}")
+    out = out or Path("exports") / checkpoint.resolve().parent.name
+    options = ExportOptions(
+        formats=(format.value,), opset=opset, quantize=quantize, fp16=fp16, data_dir=data_dir,
+        command=" ".join(["toolkit", *sys.argv[1:]]),
+    )
+    options.validate()
+    with staged_directory(out) as stage:
+        with console.status("exporting..."):
+            manifest = export_checkpoint(checkpoint, stage, options)
+        for name, info in manifest["artifacts"].items():
+            console.print(f"  wrote {name:<36} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:16]}")
+        if verify:
+            report = _verify_and_report(stage, data_dir, atol, rtol, max_acc_drop)
+            if not report.passed:
+                raise ToolkitError(
+                    "parity check failed, nothing was replaced in "
+                    f"{out} (use --no-verify to keep the artifacts anyway): " + "; ".join(report.failures())
+                )
+            attach_parity(stage, report)
+    console.print(f"export directory: {out}")
+
+
+@app.command("verify")
+def verify_command(
+    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    atol: AtolOption = 1e-5,
+    rtol: RtolOption = 1e-4,
+    max_acc_drop: AccDropOption = 0.3,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Run every artifact of an export over the whole test set against PyTorch; write parity.json.
+
+    Exits non-zero, naming the backend and the worst sample, when any backend disagrees.
+    """
+    from toolkit.verify import attach_parity
+
+    export_dir = export_dir or newest_export_dir()
+    report = _verify_and_report(export_dir, data_dir, atol, rtol, max_acc_drop)
+    attach_parity(export_dir, report)
+    if not report.passed:
+        raise ToolkitError("parity check failed: " + "; ".join(report.failures()))
+    console.print(f"parity report: {export_dir / 'parity.json'}")
+
+
+def newest_export_dir(exports_dir: Path = Path("exports")) -> Path:
+    """The most recently written export (a dir holding manifest.json)."""
+    candidates = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ToolkitError(
+            f"no export found under {exports_dir}/; make one with `toolkit export` "
+            "(after `toolkit train lenet`) or pass an export dir"
+        )
+    return candidates[-1].parent
+
+
+def _verify_and_report(
+    export_dir: Path, data_dir: Path | None, atol: float, rtol: float, max_acc_drop: float
+) -> ParityReport:
+    from toolkit.console import parity_table
+    from toolkit.verify import verify_export
+
+    with console.status("verifying...") as status:
+        report = verify_export(export_dir, data_dir=data_dir, atol=atol, rtol=rtol,
+                               max_acc_drop=max_acc_drop,
+                               progress=lambda name: status.update(f"verifying {name}..."))
+    console.print(parity_table(report))
+    if report.passed:
+        console.print("[bold green]parity verified[/]")
+    return report
 
 
 @app.command()

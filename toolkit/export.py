@@ -1,0 +1,277 @@
+"""Writers that turn a checkpoint into deployable artifacts, and the manifest that lists them.
+
+Every export is built in a staging directory beside the target and only replaces the previous
+export once it is complete (and, from the CLI, verified): a failed export loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.checkpoint import build_deployable, library_versions, load_checkpoint, save_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_json
+
+FORMATS = ("onnx", "torchscript", "all", "triton")
+INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
+MIN_OPSET, MAX_OPSET = 18, 23
+MANIFEST_VERSION = 1
+CALIBRATION_IMAGES = 500
+
+
+@dataclass
+class ExportOptions:
+    formats: tuple[str, ...] = ("onnx",)
+    opset: int | None = None
+    quantize: str | None = None  # "int8"
+    fp16: bool = False
+    data_dir: str | Path | None = None
+    triton_name: str = "toolkit_model"
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ToolkitError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+        if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ToolkitError(
+                f"unsupported --opset {self.opset}; the exporter supports {MIN_OPSET}..{MAX_OPSET}"
+            )
+        if self.quantize not in (None, "int8"):
+            raise ToolkitError(f"unsupported --quantize {self.quantize!r}; only int8")
+
+    def wants(self, fmt: str) -> bool:
+        return fmt in self.formats or "all" in self.formats
+
+
+def model_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
+    """What every artifact carries about itself (ONNX metadata_props, TorchScript extra files)."""
+    metrics = checkpoint.get("metrics") or {}
+    return {
+        "arch": checkpoint["arch"],
+        "dataset": checkpoint["dataset"],
+        "class_names": list(checkpoint["class_names"]),
+        "input": {
+            "name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28],
+            "range": [0.0, 1.0], "polarity": "white digit on black, as MNIST",
+        },
+        "outputs": {"logits": ["N", len(checkpoint["class_names"])],
+                    "probabilities": ["N", len(checkpoint["class_names"])]},
+        "normalization_baked_in": dict(checkpoint["normalization"]),
+        "source_checkpoint_sha256": checkpoint_sha256,
+        "test_accuracy": metrics.get("test_acc"),
+        "epoch": checkpoint.get("epoch"),
+        "versions": library_versions("onnx", "onnxruntime-gpu", "onnxruntime"),
+    }
+
+
+def _example_batch() -> torch.Tensor:
+    # Batch 2, not 1: the exporter specializes a batch of 1 into a static dimension.
+    return torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _batch_dim() -> dict[str, dict[int, Any]]:
+    return {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=1 << 20)}}
+
+
+def export_onnx(model: torch.nn.Module, path: Path, metadata: dict[str, Any], opset: int | None) -> int:
+    """ONNX via the dynamo exporter, checked (full_check) and shape-inferred; returns the opset."""
+    import onnx
+
+    kwargs = {"opset_version": opset} if opset is not None else {}
+    with _quiet():
+        program = torch.onnx.export(
+            model, (_example_batch(),), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=_batch_dim(), dynamo=True, verbose=False, **kwargs,
+        )
+    proto = program.model_proto
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def export_torchscript(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+    """TorchScript by tracing. torch.jit is deprecated upstream but still what LibTorch and
+    Triton's PyTorch backend load, so it stays, with its deprecation warnings silenced."""
+    with _quiet():
+        traced = torch.jit.trace(model, _example_batch(), check_trace=True)
+        write_atomic(path, lambda tmp: torch.jit.save(
+            traced, str(tmp), _extra_files={"metadata.json": json.dumps(metadata)}))
+
+
+def export_program(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+    """The forward-looking `torch.export` program (.pt2), dynamic in the batch axis."""
+    with _quiet():
+        program = torch.export.export(model, (_example_batch(),), dynamic_shapes=_batch_dim())
+        write_atomic(path, lambda tmp: torch.export.save(
+            program, str(tmp), extra_files={"metadata.json": json.dumps(metadata)}))
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ int8 with onnxruntime, calibrated on real training images."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 50)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory() as work, _quiet():
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        with atomic_path(path) as tmp:
+            quantize_static(
+                str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            )
+
+
+def convert_fp16(fp32_path: Path, path: Path) -> None:
+    """fp16 weights and compute, float32 input and outputs (onnxruntime's own converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        half = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(half, str(tmp))
+
+
+def write_triton_repository(onnx_path: Path, repo: Path, name: str, num_classes: int) -> None:
+    """A Triton Inference Server model repository serving the ONNX model."""
+    config = f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 1024
+input [
+  {{ name: "{INPUT_NAME}", data_type: TYPE_FP32, dims: [ 1, 28, 28 ] }}
+]
+output [
+  {{ name: "logits", data_type: TYPE_FP32, dims: [ {num_classes} ] }},
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {num_classes} ] }}
+]
+dynamic_batching {{ }}
+"""
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    write_atomic(repo / name / "config.pbtxt", lambda tmp: tmp.write_text(config))
+    shutil.copyfile(onnx_path, repo / name / "1" / "model.onnx")
+
+
+def calibration_images(checkpoint: dict[str, Any], data_dir: str | Path | None) -> np.ndarray:
+    from toolkit.data import load_split
+
+    split = load_split(checkpoint["dataset"], data_dir, train=True)
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
+    return split.pixels()[chosen].numpy()
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path, out_dir: str | Path, options: ExportOptions
+) -> dict[str, Any]:
+    """Write every requested artifact and `manifest.json` into `out_dir`; return the manifest."""
+    options.validate()
+    out_dir = Path(out_dir)
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint_sha = sha256_file(checkpoint_path)
+    model = build_deployable(checkpoint)
+    metadata = model_metadata(checkpoint, checkpoint_sha)
+    # The export dir is self-contained: the reference weights travel with the artifacts.
+    save_checkpoint(out_dir / "model.pt", {k: v for k, v in checkpoint.items()
+                                          if k not in ("format", "format_version", "optimizer_state",
+                                                       "scheduler_state")})
+    opset = None
+    if options.wants("onnx") or options.wants("triton") or options.quantize or options.fp16:
+        opset = export_onnx(model, out_dir / "model.onnx", metadata, options.opset)
+    if options.wants("torchscript"):
+        export_torchscript(model, out_dir / "model.ts", metadata)
+    if "all" in options.formats:
+        export_program(model, out_dir / "model.pt2", metadata)
+    if options.quantize == "int8":
+        quantize_int8(out_dir / "model.onnx", out_dir / "model.int8.onnx",
+                      calibration_images(checkpoint, options.data_dir))
+    if options.fp16:
+        convert_fp16(out_dir / "model.onnx", out_dir / "model.fp16.onnx")
+    if options.wants("triton"):
+        write_triton_repository(out_dir / "model.onnx", out_dir / "triton", options.triton_name,
+                                len(checkpoint["class_names"]))
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": options.command,
+        "source_checkpoint": str(Path(checkpoint_path).resolve()),
+        "onnx_opset": opset,
+        "metadata": metadata,
+        "artifacts": artifact_table(out_dir),
+        "parity": None,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every file in the export (manifest and parity report aside) with size and sha256."""
+    table = {}
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel in ("manifest.json", "parity.json") or path.name.startswith("."):
+            continue
+        table[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return table
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except OSError as exc:
+        raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
+    try:
+        yield stage
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, backup)
+        os.replace(stage, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    except OSError as exc:
+        raise ToolkitError(f"cannot write export to {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence exporter chatter and deprecation warnings; our own report says what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield

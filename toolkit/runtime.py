@@ -1,0 +1,175 @@
+"""Serving with onnxruntime: provider choice that reports the truth, and the `Predictor`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+PROVIDERS = ("auto", "cuda", "cpu")
+_ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def _ort() -> Any:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # CUDA fallback warnings are reported by us, once
+    return ort
+
+
+def cuda_provider_usable() -> bool:
+    """True when onnxruntime can really run on a GPU here (not merely has the provider built in)."""
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    _preload_cuda_libraries(ort)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except ImportError:
+        pass
+    return True
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    # onnxruntime-gpu finds the CUDA/cuDNN libraries that ship with torch's wheels this way.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.suppress(Exception):  # a failed preload only means no CUDA
+            preload()
+
+
+def create_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> Any:
+    """An InferenceSession on `provider`; `cuda` that cannot really load is an error, not a fallback."""
+    if provider not in PROVIDERS:
+        raise ToolkitError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    wants_cuda = provider == "cuda" or (provider == "auto" and cuda_provider_usable())
+    if provider == "cuda" and not cuda_provider_usable():
+        raise ToolkitError("--provider cuda was asked for but CUDA is not usable here; use --provider cpu")
+    providers = [_ORT_NAMES["cuda"], _ORT_NAMES["cpu"]] if wants_cuda else [_ORT_NAMES["cpu"]]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        raise ToolkitError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+    if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
+        raise ToolkitError("--provider cuda was asked for but onnxruntime fell back to CPU")
+    return session
+
+
+def session_provider(session: Any) -> str:
+    """'cuda' or 'cpu': what the session really runs on."""
+    return "cuda" if session.get_providers()[0] == _ORT_NAMES["cuda"] else "cpu"
+
+
+def read_onnx_metadata(session: Any) -> dict[str, Any]:
+    """The toolkit metadata stored in the model's metadata_props, JSON values decoded."""
+    props = session.get_modelmeta().custom_metadata_map
+    decoded: dict[str, Any] = {}
+    for key, value in props.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def resolve_onnx_path(model: str | Path) -> Path:
+    """An export dir (its model.onnx) or a .onnx file."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ToolkitError(f"no ONNX model at {path}; run `toolkit export` first or pass a .onnx file")
+    return path
+
+
+@dataclass
+class Prediction:
+    """Class probabilities for one image, best first."""
+
+    labels: list[str]
+    probabilities: list[float]
+    logits: list[float] = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[0]
+
+    def top_k(self, k: int) -> list[dict[str, Any]]:
+        ranked = zip(self.labels[:k], self.probabilities[:k], strict=True)
+        return [{"label": label, "probability": p} for label, p in ranked]
+
+
+class Predictor:
+    """An exported ONNX model behind onnxruntime: 28x28 [0, 1] images in, ranked classes out."""
+
+    def __init__(self, model: str | Path, provider: str = "auto", threads: int | None = None) -> None:
+        self.path = resolve_onnx_path(model)
+        self.session = create_session(self.path, provider, threads)
+        self.provider = session_provider(self.session)
+        self.metadata = read_onnx_metadata(self.session)
+        self.class_names: list[str] = list(
+            self.metadata.get("class_names") or [str(i) for i in range(10)]
+        )
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        manifest = self.path.parent / "manifest.json"
+        if not manifest.is_file():
+            return {}
+        try:
+            return json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities) for float32 images [N, 1, 28, 28] (or [N, 28, 28]) in [0, 1]."""
+        batch = np.asarray(images, dtype=np.float32)
+        if batch.ndim == 3:
+            batch = batch[:, None]
+        if batch.ndim != 4 or batch.shape[1:] != (1, 28, 28):
+            raise ToolkitError(f"expected images of shape [N, 1, 28, 28], got {list(batch.shape)}")
+        if not np.isfinite(batch).all():
+            raise ToolkitError("images contain NaN or infinite values")
+        logits, probabilities = self.session.run(None, {"image": np.ascontiguousarray(batch)})
+        return logits, probabilities
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """Ranked classes for one 28x28 image."""
+        logits, probabilities = self.run(np.asarray(image, dtype=np.float32).reshape(1, 1, 28, 28))
+        order = np.argsort(-probabilities[0])
+        return Prediction(
+            labels=[self.class_names[i] for i in order],
+            probabilities=[float(probabilities[0, i]) for i in order],
+            logits=logits[0].tolist(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The model card: what this model is and how well it did."""
+        parity = self.manifest.get("parity") or {}
+        return {
+            "model": str(self.path),
+            "arch": self.metadata.get("arch"),
+            "dataset": self.metadata.get("dataset"),
+            "test_accuracy": self.metadata.get("test_accuracy"),
+            "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+            "provider": self.provider,
+        }

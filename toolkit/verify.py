@@ -1,0 +1,232 @@
+"""Parity: run every exported backend over the whole test set and edge inputs against PyTorch.
+
+Modelled on Optimum's export validation (per-output shapes, max diff against atol, a verdict),
+but over every test image rather than one dummy batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.checkpoint import build_deployable, load_checkpoint
+from toolkit.data import load_split
+from toolkit.errors import ToolkitError
+from toolkit.fileio import read_json, sha256_file, write_json
+from toolkit.runtime import create_session, cuda_provider_usable
+
+DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
+EVAL_BATCH = 500
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class BackendResult:
+    """One backend's agreement with the PyTorch reference."""
+
+    artifact: str
+    kind: str  # "fp32" (tolerance verdict) or "quantized" (accuracy-drop verdict)
+    accuracy: float
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float
+    shapes_ok: bool
+    worst_sample: int  # index into the checked inputs (test set first, then edge cases)
+    worst_sample_diff: float
+    passed: bool
+    reason: str = ""
+
+
+@dataclass
+class ParityReport:
+    passed: bool
+    atol: float
+    rtol: float
+    max_acc_drop: float
+    dataset: str
+    samples: int
+    edge_cases: list[str]
+    reference_accuracy: float
+    backends: dict[str, BackendResult] = field(default_factory=dict)
+    integrity: dict[str, str] = field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        lines = [f"{name}: {r.reason}" for name, r in self.backends.items() if not r.passed]
+        lines += [f"{name}: {problem}" for name, problem in self.integrity.items()]
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["backends"] = {name: asdict(r) for name, r in self.backends.items()}
+        return data
+
+
+def edge_inputs() -> tuple[list[str], list[np.ndarray]]:
+    """Batches that stress shapes and value ranges: sizes 1, 7 and 256, blank, saturated, noise."""
+    gen = np.random.default_rng(0)
+    cases = {
+        "batch-1-noise": gen.random((1, 1, 28, 28)),
+        "batch-7-noise": gen.random((7, 1, 28, 28)),
+        "batch-256-noise": gen.random((256, 1, 28, 28)),
+        "all-zero": np.zeros((4, 1, 28, 28)),
+        "all-one": np.ones((4, 1, 28, 28)),
+    }
+    return list(cases), [c.astype(np.float32) for c in cases.values()]
+
+
+def _torch_runner(module: Callable[[torch.Tensor], Any]) -> Runner:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            logits, probs = module(torch.from_numpy(batch))
+        return logits.numpy(), probs.numpy()
+    return run
+
+
+def _onnx_runner(path: Path, provider: str) -> Runner:
+    session = create_session(path, provider)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, probs = session.run(None, {"image": batch})
+        return np.asarray(logits, dtype=np.float32), np.asarray(probs, dtype=np.float32)
+    return run
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; see docs
+        return torch.jit.load(str(path))
+
+
+def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[], Runner]]]:
+    """name -> (artifact, kind, factory) for every artifact present in the export dir."""
+    found: dict[str, tuple[str, str, Callable[[], Runner]]] = {}
+    if (export_dir / "model.ts").is_file():
+        found["torchscript"] = ("model.ts", "fp32", lambda: _torch_runner(_load_torchscript(export_dir / "model.ts")))
+    if (export_dir / "model.pt2").is_file():
+        found["torch-export"] = ("model.pt2", "fp32", lambda: _torch_runner(
+            torch.export.load(str(export_dir / "model.pt2")).module()))
+    providers = ["cpu"] + (["cuda"] if cuda_provider_usable() else [])
+    for artifact, suffix, kind in (("model.onnx", "", "fp32"), ("model.int8.onnx", "-int8", "quantized"),
+                                   ("model.fp16.onnx", "-fp16", "quantized")):
+        if not (export_dir / artifact).is_file():
+            continue
+        for provider in providers:
+            found[f"onnxruntime-{provider}{suffix}"] = (
+                artifact, kind, lambda a=artifact, p=provider: _onnx_runner(export_dir / a, p))
+    return found
+
+
+def _run_all(
+    runner: Runner, batches: list[np.ndarray], num_classes: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    logits, probs, shapes_ok = [], [], True
+    for batch in batches:
+        lg, pr = runner(batch)
+        shapes_ok &= lg.shape == pr.shape == (len(batch), num_classes)
+        logits.append(lg)
+        probs.append(pr)
+    return np.concatenate(logits), np.concatenate(probs), bool(shapes_ok)
+
+
+def verify_export(
+    export_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
+    progress: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Compare every backend in `export_dir` with its PyTorch checkpoint; write `parity.json`."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ToolkitError(f"export dir not found: {export_dir}")
+    manifest_path = export_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ToolkitError(f"{export_dir} has no manifest.json; is it a `toolkit export` output?")
+    manifest = read_json(manifest_path)
+    checkpoint = load_checkpoint(export_dir / "model.pt")
+    reference = build_deployable(checkpoint)
+
+    test = load_split(checkpoint["dataset"], data_dir, train=False)
+    labels = test.labels.numpy()
+    edge_names, edge_batches = edge_inputs()
+    n_test, num_classes = len(test), len(checkpoint["class_names"])
+    batches = np.array_split(test.pixels().numpy(), -(-n_test // EVAL_BATCH)) + edge_batches
+
+    ref_logits, _, _ = _run_all(_torch_runner(reference), batches, num_classes)
+    ref_acc = float((ref_logits[:n_test].argmax(1) == labels).mean())
+    report = ParityReport(
+        passed=True, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop, dataset=checkpoint["dataset"],
+        samples=len(ref_logits), edge_cases=edge_names, reference_accuracy=ref_acc,
+    )
+    for artifact, expected in (manifest.get("artifacts") or {}).items():
+        path = export_dir / artifact
+        if path.is_file() and sha256_file(path) != expected.get("sha256"):
+            report.integrity[artifact] = "sha256 differs from manifest.json (file changed after export)"
+
+    for name, (artifact, kind, factory) in discover_backends(export_dir).items():
+        if progress:
+            progress(name)
+        logits, _, shapes_ok = _run_all(factory(), batches, num_classes)
+        report.backends[name] = _compare(artifact, kind, logits, ref_logits, labels, shapes_ok,
+                                         atol, rtol, max_acc_drop)
+    if not report.backends:
+        raise ToolkitError(f"{export_dir} holds no exported model to verify (model.onnx, model.ts, ...)")
+    report.passed = all(r.passed for r in report.backends.values()) and not report.integrity
+    write_json(export_dir / "parity.json", report.to_json())
+    return report
+
+
+def _compare(
+    artifact: str, kind: str, logits: np.ndarray, ref: np.ndarray, labels: np.ndarray, shapes_ok: bool,
+    atol: float, rtol: float, max_acc_drop: float,
+) -> BackendResult:
+    n_test = len(labels)
+    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
+    excess = diff - (atol + rtol * np.abs(ref))
+    worst = int(excess.max(axis=1).argmax())
+    significant = np.abs(ref) > atol  # relative error of a near-zero logit says nothing
+    max_rel = float((diff[significant] / np.abs(ref[significant])).max()) if significant.any() else 0.0
+    accuracy = float((logits[:n_test].argmax(1) == labels).mean())
+    agreement = float((logits.argmax(1) == ref.argmax(1)).mean())
+    ref_acc = float((ref[:n_test].argmax(1) == labels).mean())
+    if not shapes_ok:
+        passed, reason = False, "output shapes differ from [N, classes]"
+    elif kind == "fp32":
+        passed = bool((excess <= 0).all()) and agreement == 1.0
+        reason = "" if passed else (
+            f"sample {worst} differs by {diff[worst].max():.3g} "
+            f"(allowed {atol:g} + {rtol:g} x |reference|), top-1 agreement {agreement:.2%}")
+    else:
+        drop = 100 * (ref_acc - accuracy)
+        passed = drop <= max_acc_drop
+        reason = "" if passed else (
+            f"accuracy drops {drop:.2f} points (allowed {max_acc_drop}); worst sample {worst} "
+            f"differs by {diff[worst].max():.3g}")
+    return BackendResult(
+        artifact=artifact, kind=kind, accuracy=accuracy, max_abs_diff=float(diff.max()),
+        max_rel_diff=max_rel, top1_agreement=agreement, shapes_ok=shapes_ok, worst_sample=worst,
+        worst_sample_diff=float(diff[worst].max()), passed=passed, reason=reason,
+    )
+
+
+def attach_parity(export_dir: str | Path, report: ParityReport) -> None:
+    """Record the parity summary in the manifest."""
+    path = Path(export_dir) / "manifest.json"
+    manifest = read_json(path)
+    manifest["parity"] = {
+        "passed": report.passed, "atol": report.atol, "rtol": report.rtol,
+        "reference_accuracy": report.reference_accuracy,
+        "backends": {name: {"accuracy": r.accuracy, "max_abs_diff": r.max_abs_diff,
+                            "top1_agreement": r.top1_agreement, "passed": r.passed}
+                     for name, r in report.backends.items()},
+    }
+    write_json(path, manifest)
