@@ -42,3 +42,13 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pa
                      "--data-dir", mnist_dir, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     return runs / "lenet-default"
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, mnist_dir: Path) -> Path:
+    """The trained LeNet exported in every format, int8 and fp16 included, and verified."""
+    out = tmp_path_factory.mktemp("exports") / "lenet"
+    result = run_cli("export", trained_run / "best.pt", "--format", "all", "--quantize", "int8",
+                     "--fp16", "--out", out, "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr
+    return out

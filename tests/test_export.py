@@ -1,0 +1,144 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from tests.conftest import run_cli
+from toolkit.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.fileio import sha256_file
+
+ARTIFACTS = ("model.onnx", "model.ts", "model.pt2", "model.int8.onnx", "model.fp16.onnx", "model.pt",
+             "triton/toolkit_model/config.pbtxt", "triton/toolkit_model/1/model.onnx")
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_every_artifact_is_listed_with_its_hash(export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for name in ARTIFACTS:
+        assert manifest["artifacts"][name]["sha256"] == sha256_file(export_dir / name), name
+        assert manifest["artifacts"][name]["bytes"] == (export_dir / name).stat().st_size
+    assert manifest["command"].startswith("toolkit export")
+    assert manifest["onnx_opset"] >= 18
+    assert manifest["metadata"]["arch"] == "lenet"
+    assert manifest["parity"]["passed"] is True
+
+
+def test_parity_report_meets_the_targets(export_dir):
+    parity = json.loads((export_dir / "parity.json").read_text())
+    assert parity["passed"] is True
+    assert (parity["atol"], parity["rtol"]) == (1e-5, 1e-4)
+    assert parity["samples"] > 10_000
+    backends = parity["backends"]
+    assert {"onnxruntime-cpu", "torchscript", "torch-export", "onnxruntime-cpu-int8",
+            "onnxruntime-cpu-fp16"} <= set(backends)
+    for name in ("onnxruntime-cpu", "torchscript", "torch-export"):
+        assert backends[name]["max_abs_diff"] <= 1e-5
+        assert backends[name]["top1_agreement"] == 1.0
+    for result in backends.values():
+        for key in ("accuracy", "top1_agreement"):
+            assert 0.0 <= result[key] <= 1.0
+    assert parity["reference_accuracy"] - backends["onnxruntime-cpu-int8"]["accuracy"] <= 0.003
+
+
+def test_metadata_round_trips_through_every_format(export_dir):
+    checkpoint = load_checkpoint(export_dir / "model.pt")
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(export_dir / "model.onnx")).metadata_props}
+    assert props["arch"] == "lenet" and props["dataset"] == "mnist"
+    assert props["class_names"] == [str(d) for d in range(10)]
+    assert props["normalization_baked_in"] == checkpoint["normalization"]
+    assert {"toolkit", "torch", "onnx"} <= set(props["versions"])
+    assert props["test_accuracy"] == checkpoint["metrics"]["test_acc"]
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(export_dir / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"]) == props
+    pt2_extra = {"metadata.json": ""}
+    torch.export.load(str(export_dir / "model.pt2"), extra_files=pt2_extra)
+    assert json.loads(pt2_extra["metadata.json"]) == props
+
+
+@pytest.mark.parametrize("batch", [1, 300])
+def test_batch_size_is_dynamic(export_dir, batch):
+    images = np.random.default_rng(batch).random((batch, 1, 28, 28), dtype=np.float32)
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    logits, probs = session.run(["logits", "probabilities"], {"image": images})
+    assert logits.shape == probs.shape == (batch, 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    scripted = torch.jit.load(str(export_dir / "model.ts"))
+    ts_logits, _ = scripted(torch.from_numpy(images))
+    np.testing.assert_allclose(ts_logits.detach().numpy(), logits, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_repository_layout(export_dir):
+    config = (export_dir / "triton" / "toolkit_model" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config
+    assert "dims: [ 1, 28, 28 ]" in config and "dims: [ 10 ]" in config
+    assert "dynamic_batching" in config and "max_batch_size" in config
+
+
+def test_a_perturbed_onnx_weight_fails_verification_by_name(export_dir, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(export_dir, tampered)
+    model = onnx.load(str(tampered / "model.onnx"))
+    weight = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] += 0.05
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(tampered / "model.onnx"))
+    result = run_cli("verify", tampered)
+    assert result.returncode != 0
+    assert "onnxruntime-cpu: sample" in result.stderr and "differs by" in result.stderr
+    assert "Traceback" not in result.stderr
+    parity = json.loads((tampered / "parity.json").read_text())
+    assert parity["passed"] is False
+    assert parity["backends"]["onnxruntime-cpu"]["max_abs_diff"] > 1e-5
+    assert parity["backends"]["torchscript"]["max_abs_diff"] <= 1e-5
+
+
+def test_a_failed_export_leaves_the_previous_one_untouched(export_dir, tmp_path):
+    target = tmp_path / "exports" / "lenet"
+    shutil.copytree(export_dir, target)
+    before = _snapshot(target)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    unknown = tmp_path / "unknown.pt"
+    save_checkpoint(unknown, {**load_checkpoint(export_dir / "model.pt"), "arch": "resnet9000"})
+    for args, message in (
+        ([corrupt], "not a readable PyTorch checkpoint"),
+        ([unknown], "unknown model 'resnet9000'"),
+        ([export_dir / "model.pt", "--opset", "99"], "unsupported --opset 99"),
+    ):
+        result = run_cli("export", *args, "--out", target)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]  # no staging left behind
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "export dir not found"),
+        ("no-manifest", "has no manifest.json"),
+        ("corrupt-onnx", "onnxruntime cannot load"),
+    ],
+)
+def test_verify_bad_export_dirs_are_clear_errors(export_dir, tmp_path, setup, message):
+    target = tmp_path / "export"
+    if setup != "missing":
+        shutil.copytree(export_dir, target)
+    if setup == "no-manifest":
+        (target / "manifest.json").unlink()
+    if setup == "corrupt-onnx":
+        (target / "model.onnx").write_bytes(b"\x08\x07garbage")
+    result = run_cli("verify", target)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
