@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -225,6 +226,67 @@ def _verify_and_report(
     if report.passed:
         console.print("[bold green]parity verified[/]")
     return report
+
+
+ModelOption = Annotated[
+    Path | None, typer.Option("--model", "-m", help="Export dir or .onnx file [default: newest under exports/].")
+]
+ProviderOption = Annotated[Provider, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
+ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: all cores].")]
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files, any size, dark-on-light or light-on-dark.")],
+    model: ModelOption = None,
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
+    provider: ProviderOption = Provider.auto,
+    threads: ThreadsOption = None,
+) -> None:
+    """Classify image files through the same preprocessing as the demo.
+
+    Example: toolkit predict my-digit.png --top-k 3 --json
+    """
+    from toolkit.inference import classify_files
+    from toolkit.runtime import Predictor
+
+    predictor = Predictor(model or newest_export_dir(), provider=provider.value, threads=threads)
+    results = classify_files(predictor, images, top_k)
+    if json_output:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        err_console.print(f"model {predictor.path} on onnxruntime-{predictor.provider}", highlight=False)
+        for result in results:
+            if "error" in result:
+                console.print(f"{result['file']}: [red]{result['error']}", highlight=False)
+            elif result["label"] is None:
+                console.print(f"{result['file']}: nothing to classify", highlight=False)
+            else:
+                ranked = ", ".join(f"{r['label']} {r['probability']:.1%}" for r in result["top_k"])
+                console.print(f"{result['file']}: [bold]{result['label']}[/]  ({ranked})", highlight=False)
+    if all("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
+    provider: ProviderOption = Provider.auto,
+    threads: ThreadsOption = None,
+) -> None:
+    """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction."""
+    import logging
+
+    from toolkit.app import launch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    export_dir = export_dir or newest_export_dir()
+    console.print(f"serving {export_dir} at http://{host}:{port}")
+    launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads)
 
 
 @app.command()

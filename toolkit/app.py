@@ -1,0 +1,122 @@
+"""The Gradio sketchpad demo: draw a digit, see what the model sees and what it answers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from toolkit.errors import ToolkitError
+from toolkit.inference import Classification, classify
+from toolkit.runtime import Predictor
+
+log = logging.getLogger("toolkit.demo")
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "demo" / "examples"
+CANVAS = (400, 400)
+# MNIST strokes are about 1/8 of the digit's height; a digit drawn over most of a 400 px canvas
+# is ~300 px tall, so a ~28 px brush gives MNIST-like strokes after the 20 px rescale.
+BRUSH_SIZE = 28
+MAX_UPLOAD = "5mb"
+CONCURRENCY = 4
+
+Outputs = tuple[dict[str, float] | None, np.ndarray | None, str]
+
+
+def model_card(predictor: Predictor) -> str:
+    card = predictor.describe()
+    accuracy = f"{card['test_accuracy']:.2%}" if isinstance(card["test_accuracy"], float) else "unknown"
+    return (
+        f"**model** `{card['arch']}` trained on `{card['dataset']}` · **test accuracy** {accuracy} · "
+        f"**parity** {card['parity'] or 'not verified'} · **provider** onnxruntime-{card['provider']}"
+    )
+
+
+def _render(result: Classification) -> Outputs:
+    if result.label is None:
+        return None, None, f"nothing to classify: draw a digit ({result.milliseconds:.1f} ms)"
+    confidences = {item["label"]: item["probability"] for item in result.top_k}
+    seen = (result.digit * 255).astype(np.uint8)
+    return confidences, seen, f"**{result.label}** ({result.probability:.1%}) in {result.milliseconds:.1f} ms"
+
+
+def make_handler(predictor: Predictor) -> Any:
+    """The one function behind the sketchpad, the upload tab and the API."""
+
+    def predict(image: Any) -> Outputs:
+        if image is None:
+            return None, None, "nothing to classify: draw a digit"
+        try:
+            result = classify(predictor, image, top_k=3)
+        except ToolkitError as exc:
+            log.info("rejected input: %s", exc)
+            raise gr.Error(str(exc), print_exception=False) from None
+        log.info("predicted %s in %.2f ms on %s", result.label, result.milliseconds, predictor.provider)
+        return _render(result)
+
+    return predict
+
+
+def build_demo(predictor: Predictor) -> gr.Blocks:
+    """The demo UI around a Predictor; `predict` is also a named API endpoint."""
+    predict = make_handler(predictor)
+    with gr.Blocks(title="toolkit · draw a digit") as demo:
+        gr.Markdown("# Draw a digit\nThe drawing is cropped, scaled to 20 px and centred by mass, "
+                    "as MNIST's digits were, before the model sees it.")
+        gr.Markdown(model_card(predictor), elem_id="model-card")
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Draw"):
+                    sketchpad = gr.Sketchpad(
+                        canvas_size=CANVAS, type="numpy", image_mode="RGBA", label="sketchpad",
+                        brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),
+                        layers=False, elem_id="sketchpad",
+                    )
+                    with gr.Row():
+                        predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
+                        clear_button = gr.ClearButton(value="Clear", elem_id="clear-button")
+                with gr.Tab("Upload"):
+                    upload = gr.Image(type="numpy", image_mode=None, label="image file",
+                                      sources=["upload", "clipboard"], elem_id="upload")
+                    upload_button = gr.Button("Predict upload", elem_id="upload-button")
+                    examples = sorted(EXAMPLES_DIR.glob("*.png"))
+                    if examples:
+                        gr.Examples([[str(p)] for p in examples], inputs=upload, label="MNIST test digits")
+            with gr.Column():
+                label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
+                seen = gr.Image(label="what the model saw (28x28)", height=168, interactive=False,
+                                image_mode="L", elem_id="seen")
+                status = gr.Markdown(elem_id="status")
+        outputs = [label, seen, status]
+        sketchpad.change(predict, sketchpad, outputs, show_progress="hidden", trigger_mode="always_last",
+                         api_visibility="private")
+        predict_button.click(predict, sketchpad, outputs, api_name="predict_sketch")
+        upload_button.click(predict, upload, outputs, api_name="predict")
+        upload.upload(predict, upload, outputs, api_visibility="private")
+        clear_button.add([sketchpad, upload, *outputs])
+    return demo
+
+
+def launch(
+    export_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    provider: str = "auto",
+    threads: int | None = None,
+    block: bool = True,
+) -> gr.Blocks:
+    """Load the model and serve the demo (localhost only and no share link unless asked)."""
+    predictor = Predictor(export_dir, provider=provider, threads=threads)
+    log.info("serving %s on onnxruntime-%s", predictor.path, predictor.provider)
+    demo = build_demo(predictor)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
+                    prevent_thread_lock=not block, show_error=True, quiet=not block)
+    except OSError as exc:
+        raise ToolkitError(f"cannot serve on {host}:{port}: {exc}") from exc
+    return demo
