@@ -78,7 +78,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
                         predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
                         clear_button = gr.ClearButton(value="Clear", elem_id="clear-button")
                 with gr.Tab("Upload"):
-                    upload = gr.Image(type="numpy", image_mode=None, label="image file",
+                    upload = gr.Image(type="filepath", image_mode=None, label="image file",
                                       sources=["upload", "clipboard"], elem_id="upload")
                     upload_button = gr.Button("Predict upload", elem_id="upload-button")
                     examples = sorted(EXAMPLES_DIR.glob("*.png"))
@@ -88,13 +88,13 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
                 label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
                 seen = gr.Image(label="what the model saw (28x28)", height=168, interactive=False,
                                 image_mode="L", elem_id="seen")
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown(elem_id="status", label="status")
         outputs = [label, seen, status]
         sketchpad.change(predict, sketchpad, outputs, show_progress="hidden", trigger_mode="always_last",
-                         api_visibility="private")
+                         api_name="live_sketch", api_visibility="private")
         predict_button.click(predict, sketchpad, outputs, api_name="predict_sketch")
         upload_button.click(predict, upload, outputs, api_name="predict")
-        upload.upload(predict, upload, outputs, api_visibility="private")
+        upload.upload(predict, upload, outputs, api_name="live_upload", api_visibility="private")
         clear_button.add([sketchpad, upload, *outputs])
     return demo
 

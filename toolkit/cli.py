@@ -284,6 +284,7 @@ def demo(
     from toolkit.app import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     export_dir = export_dir or newest_export_dir()
     console.print(f"serving {export_dir} at http://{host}:{port}")
     launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads)

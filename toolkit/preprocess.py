@@ -10,6 +10,7 @@ array or an image file.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class ImageReadError(ToolkitError):
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Open an image file (or its bytes) safely: size-checked before decoding, first frame only."""
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size below
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError as exc:
         raise ImageReadError(f"file not found: {source}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -1,0 +1,145 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.data import load_split
+from toolkit.inference import classify
+from toolkit.preprocess import ImageReadError, load_image, preprocess
+from toolkit.runtime import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(export_dir):
+    return Predictor(export_dir, provider="cpu")
+
+
+def _paint(digit, rng, transparent):
+    """An MNIST digit drawn as black ink on a large RGBA canvas, somewhere off-centre."""
+    scale = int(rng.integers(3, 14))
+    size = 28 * scale + int(rng.integers(20, 500))
+    canvas = Image.new("RGBA", (size, size + int(rng.integers(0, 200))), (255, 255, 255, 0 if transparent else 255))
+    coverage = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC))
+    ink = np.zeros((*coverage.shape, 4), np.uint8)
+    ink[..., 3] = coverage  # black ink whose opacity is the MNIST intensity
+    x = int(rng.integers(0, canvas.width - 28 * scale))
+    y = int(rng.integers(0, canvas.height - 28 * scale))
+    canvas.alpha_composite(Image.fromarray(ink, "RGBA"), (x, y))
+    return canvas
+
+
+def test_digits_painted_on_large_canvases_come_back_as_their_label(predictor, mnist_dir):
+    test = load_split("mnist", mnist_dir, train=False)
+    rng = np.random.default_rng(2026)
+    chosen = rng.choice(len(test), 300, replace=False)
+    correct = total = 0
+    for i in chosen:
+        for transparent in (True, False):
+            canvas = _paint(test.images[i].numpy(), rng, transparent)
+            value = np.asarray(canvas) if transparent else canvas  # numpy and PIL inputs
+            result = classify(predictor, value)
+            total += 1
+            correct += result.label == str(int(test.labels[i]))
+    assert correct / total >= 0.97, f"{correct}/{total}"
+
+
+def test_sketchpad_values_old_and_new(predictor, mnist_dir):
+    digit = load_split("mnist", mnist_dir, train=False).images[0].numpy()  # a 7
+    canvas = np.asarray(_paint(digit, np.random.default_rng(0), transparent=False))
+    transparent = np.asarray(_paint(digit, np.random.default_rng(0), transparent=True))
+    white = np.full_like(canvas, 255)
+    clear = np.zeros_like(canvas)
+    for value in (
+        {"background": white, "layers": [transparent], "composite": canvas},  # Gradio 5.24+
+        {"background": None, "layers": [transparent], "composite": None},  # older: transparent
+        {"background": white, "layers": [transparent], "composite": None},
+    ):
+        assert classify(predictor, value).label == "7"
+    assert preprocess({"background": white, "layers": [clear], "composite": white}) is None
+    assert preprocess({"background": None, "layers": [], "composite": None}) is None
+
+
+def test_output_is_an_mnist_like_frame(mnist_dir):
+    digit = preprocess(np.asarray(_paint(load_split("mnist", mnist_dir, train=False).images[3].numpy(),
+                                         np.random.default_rng(1), transparent=False)))
+    assert digit.shape == (28, 28) and digit.dtype == np.float32
+    assert digit.min() >= 0.0 and digit.max() == pytest.approx(1.0)
+    rows, cols = np.nonzero(digit > 0.1)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 <= 21  # fits the 20 px box
+    ys, xs = np.indices(digit.shape)
+    com = ((ys * digit).sum() / digit.sum(), (xs * digit).sum() / digit.sum())
+    assert abs(com[0] - 13.5) < 1.0 and abs(com[1] - 13.5) < 1.0
+
+
+@pytest.mark.parametrize(
+    "blank",
+    [
+        np.zeros((400, 400, 4), np.uint8),  # transparent
+        np.full((400, 400, 4), 255, np.uint8),  # white, opaque
+        np.zeros((400, 400), np.uint8),  # all black
+        np.full((300, 500, 3), 255, np.uint8),
+        np.ones((1, 1), np.float32),
+    ],
+)
+def test_blank_canvases_have_nothing_to_classify(blank):
+    assert preprocess(blank) is None
+
+
+def test_a_stray_dot_is_nothing_to_classify():
+    canvas = np.full((800, 800), 255, np.uint8)
+    canvas[400:410, 400:410] = 0
+    assert preprocess(canvas) is None
+
+
+def test_tiny_and_huge_inputs(predictor, mnist_dir):
+    seven = 255 - load_split("mnist", mnist_dir, train=False).images[0].numpy()
+    tiny = np.asarray(Image.fromarray(seven).resize((14, 14), Image.Resampling.LANCZOS))
+    assert classify(predictor, tiny).label == "7"
+    huge = Image.fromarray(seven).resize((6000, 6000), Image.Resampling.NEAREST)
+    result = classify(predictor, huge)
+    assert result.label == "7"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "CMYK", "P", "LA", "1"])
+def test_unusual_image_modes(predictor, mnist_dir, mode):
+    seven = Image.fromarray(255 - load_split("mnist", mnist_dir, train=False).images[0].numpy())
+    seven = seven.resize((112, 112))
+    converted = seven.convert("I").point(lambda v: v * 256).convert("I;16") if mode == "I;16" else seven.convert(mode)
+    buffer = io.BytesIO()
+    converted.save(buffer, format="TIFF" if mode in ("I;16", "CMYK") else "PNG")
+    assert classify(predictor, buffer.getvalue()).label == "7"
+
+
+def test_animated_gif_uses_its_first_frame(predictor, mnist_dir):
+    test = load_split("mnist", mnist_dir, train=False)
+    frames = [Image.fromarray(255 - test.images[i].numpy()).resize((84, 84)) for i in (0, 1)]  # 7, then 2
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert classify(predictor, buffer.getvalue()).label == "7"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b"this is not an image", "not a supported image file"),
+        (np.full((28, 28), np.nan, np.float32), "NaN"),
+        (np.zeros((0, 0), np.uint8), "empty"),
+        (np.zeros((4, 28, 28, 2), np.uint8), "array of shape"),
+        (object(), "unsupported input type"),
+    ],
+)
+def test_unreadable_inputs_raise_a_clear_error(bad, message):
+    with pytest.raises(ImageReadError, match=message):
+        preprocess(bad)
+
+
+def test_truncated_png_and_decompression_bomb(tmp_path):
+    good = io.BytesIO()
+    Image.new("L", (200, 200), 255).save(good, format="PNG")
+    with pytest.raises(ImageReadError, match="cannot read this image"):
+        load_image(good.getvalue()[:60])
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000), 1).save(bomb, format="PNG")  # a few KB on disk
+    with pytest.raises(ImageReadError, match="too large"):
+        load_image(bomb.getvalue())
