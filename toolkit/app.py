@@ -20,6 +20,9 @@ CANVAS = (400, 400)
 # is ~300 px tall, so a ~28 px brush gives MNIST-like strokes after the 20 px rescale.
 BRUSH_SIZE = 28
 MAX_UPLOAD = "5mb"
+# Gradio's sketchpad opens with no tool selected; a demo should let people draw at once.
+SELECT_BRUSH_JS = """() => { setTimeout(() => {
+  document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 300); }"""
 CONCURRENCY = 4
 
 Outputs = tuple[dict[str, float] | None, np.ndarray | None, str]
@@ -38,7 +41,8 @@ def _render(result: Classification) -> Outputs:
     if result.label is None:
         return None, None, f"nothing to classify: draw a digit ({result.milliseconds:.1f} ms)"
     confidences = {item["label"]: item["probability"] for item in result.top_k}
-    seen = (result.digit * 255).astype(np.uint8)
+    # Shown 6x, pixel for pixel, so people can see exactly what the model saw.
+    seen = np.kron(result.digit * 255, np.ones((6, 6))).astype(np.uint8)
     return confidences, seen, f"**{result.label}** ({result.probability:.1%}) in {result.milliseconds:.1f} ms"
 
 
@@ -96,6 +100,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
         upload_button.click(predict, upload, outputs, api_name="predict")
         upload.upload(predict, upload, outputs, api_name="live_upload", api_visibility="private")
         clear_button.add([sketchpad, upload, *outputs])
+        demo.load(None, None, None, js=SELECT_BRUSH_JS)
     return demo
 
 
