@@ -291,6 +291,96 @@ def demo(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[
+        Path | None, typer.Argument(help="Checkpoint, export dir or .onnx file [default: newest run's best.pt].")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Evaluate on another 28x28 10-class dataset.")] = None,
+    data_dir: DataDirOption = None,
+    out: Annotated[Path | None, typer.Option(help="Report dir [default: reports/RUN_NAME].")] = None,
+    provider: ProviderOption = Provider.auto,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+) -> None:
+    """Accuracy, per-class precision/recall/F1, confusion.png and mistakes.png for the test set."""
+    from rich.table import Table
+
+    from toolkit.checkpoint import newest_run_checkpoint
+    from toolkit.evaluate import evaluate as run_evaluation
+
+    model = model or newest_run_checkpoint(runs_dir)
+    with console.status("evaluating..."):
+        report_dir, report = run_evaluation(model, out, dataset=dataset, data_dir=data_dir, provider=provider.value)
+    table = Table(title=f"{report['model']} ({report['backend']}) on {report['dataset']}: "
+                        f"accuracy {report['accuracy']:.2%}")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, m in report["per_class"].items():
+        table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    console.print(table)
+    console.print(f"report directory: {report_dir}")
+
+
+@app.command("inspect")
+def inspect_command(
+    target: Annotated[
+        str | None, typer.Argument(help="Checkpoint path or zoo model name [default: newest run's best.pt].")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir [default: reports/NAME].")] = None,
+    data_dir: DataDirOption = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+) -> None:
+    """Layer table, parameters, FLOPs, filters.png and feature_maps.png of a model."""
+    from rich.table import Table
+
+    from toolkit.checkpoint import newest_run_checkpoint
+    from toolkit.inspect_model import inspect_model
+
+    out_dir, report = inspect_model(target or newest_run_checkpoint(runs_dir), out, data_dir=data_dir)
+    table = Table(title=f"{report['model']} ({'trained' if report['trained'] else 'untrained'})")
+    for column in ("layer", "type", "output shape", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for row in report["layers"]:
+        table.add_row(row["name"], row["type"], "x".join(map(str, row["output_shape"])), f"{row['parameters']:,}")
+    table.add_row("total", "", "", f"{report['total_parameters']:,}", style="bold")
+    console.print(table)
+    console.print(f"FLOPs per image: {report['flops_per_image']:,}")
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"inspect directory: {out_dir}")
+
+
+@app.command("compare")
+def compare_command(
+    archs: Annotated[list[str], typer.Argument(help="Two or more zoo models, e.g. mlp tinycnn.")],
+    epochs: Annotated[int | None, typer.Option(help="Epochs for every model [default: each recipe's].")] = None,
+    recipe: Annotated[RecipeName, typer.Option(help="default or notebook recipes.")] = RecipeName.default,
+    dataset: Annotated[str, typer.Option(help="Dataset to train and test on.")] = "mnist",
+    data_dir: DataDirOption = None,
+    limit_train: Annotated[int | None, typer.Option(help="Train on the first N images only.")] = None,
+    seed: Annotated[int, typer.Option(help="The same seed for every model.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output dir [default: reports/compare-TIMESTAMP].")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when usable, else CPU.")] = Device.auto,
+) -> None:
+    """Train models on the same data with the same seed; table and compare.png side by side."""
+    from rich.table import Table
+
+    from toolkit.compare import compare
+
+    with epoch_progress() as progress:
+        out_dir, rows = compare(archs, epochs=epochs, recipe=recipe.value, dataset=dataset, data_dir=data_dir,
+                                limit_train=limit_train, seed=seed, out_dir=out, device=device.value,
+                                progress=progress, log=console.print)
+    table = Table(title=f"{', '.join(archs)} on {dataset}")
+    for column in ("model", "parameters", "epochs", "best test acc", "train s", "latency (batch 1)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(r["arch"], f"{r['parameters']:,}", str(r["epochs"]), f"{r['best_test_acc']:.2%}",
+                      f"{r['train_seconds']:.1f}", f"{r['latency_us_batch1']:.0f} µs")
+    console.print(table)
+    console.print(f"compare directory: {out_dir}")
+
+
+@app.command()
 def models() -> None:
     """List the model zoo: name, parameters, description."""
     from rich.table import Table

@@ -1,0 +1,127 @@
+"""`toolkit evaluate`: accuracy, per-class metrics, confusion matrix and the digits it gets wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.checkpoint import build_deployable, load_checkpoint
+from toolkit.data import get_dataset, load_split
+from toolkit.errors import ToolkitError
+from toolkit.fileio import write_json
+from toolkit.plots import plot_confusion, plot_digit_grid
+
+MISTAKES_SHOWN = 32
+BATCH = 1000
+
+
+@dataclass
+class ScoringModel:
+    """Something that maps [N,1,28,28] pixels in [0, 1] to logits, whatever it was loaded from."""
+
+    name: str  # used for the default report dir
+    source: str
+    backend: str
+    dataset: str
+    class_names: list[str]
+    logits: Callable[[np.ndarray], np.ndarray]
+
+
+def load_scoring_model(path: str | Path, provider: str = "auto") -> ScoringModel:
+    """A checkpoint (.pt), an export dir or an .onnx file."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".onnx":
+        from toolkit.runtime import Predictor
+
+        predictor = Predictor(path, provider=provider)
+        meta = predictor.metadata
+        if "dataset" not in meta:
+            raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
+        name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
+        return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
+                            list(meta["class_names"]), lambda x: predictor.run(x)[0])
+    checkpoint = load_checkpoint(path)
+    model = build_deployable(checkpoint)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch))[0].numpy()
+
+    return ScoringModel(path.resolve().parent.name, str(path), "pytorch", checkpoint["dataset"],
+                        list(checkpoint["class_names"]), run)
+
+
+def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
+    true_positive = np.diag(matrix).astype(float)
+    predicted = matrix.sum(0).astype(float)
+    actual = matrix.sum(1).astype(float)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+               "support": int(actual[i])}
+        for i, name in enumerate(class_names)
+    }
+
+
+def evaluate(
+    model_path: str | Path,
+    report_dir: str | Path | None = None,
+    *,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    provider: str = "auto",
+) -> tuple[Path, dict[str, Any]]:
+    """Score the whole test set and write evaluation.json, confusion.png and mistakes.png."""
+    model = load_scoring_model(model_path, provider)
+    dataset = dataset or model.dataset
+    spec = get_dataset(dataset)
+    if len(spec.class_names) != len(model.class_names):
+        raise ToolkitError(f"{dataset} has {len(spec.class_names)} classes but the model predicts "
+                           f"{len(model.class_names)}")
+    test = load_split(dataset, data_dir, train=False)
+    pixels = test.pixels().numpy()
+    logits = np.concatenate([model.logits(chunk) for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
+    labels = test.labels.numpy()
+    predicted = logits.argmax(1)
+    n = len(model.class_names)
+    matrix = np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
+    probabilities = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:MISTAKES_SHOWN]
+
+    report_dir = Path(report_dir or Path("reports") / model.name)
+    accuracy = float((predicted == labels).mean())
+    report = {
+        "model": model.source,
+        "backend": model.backend,
+        "dataset": dataset,
+        "samples": len(labels),
+        "accuracy": accuracy,
+        "class_names": model.class_names,
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class_metrics(matrix, model.class_names),
+        "most_confident_mistakes": [
+            {"index": int(i), "true": model.class_names[labels[i]], "predicted": model.class_names[predicted[i]],
+             "probability": float(probabilities[i, predicted[i]])}
+            for i in wrong
+        ],
+    }
+    title = f"{model.name} on {dataset}: accuracy {accuracy:.2%}"
+    plot_confusion(matrix, model.class_names, report_dir / "confusion.png", title)
+    plot_digit_grid(
+        pixels[wrong, 0],
+        [f"{model.class_names[labels[i]]} → {model.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
+         for i in wrong],
+        report_dir / "mistakes.png",
+        f"most confident mistakes ({len(np.flatnonzero(predicted != labels))} in all)",
+    )
+    write_json(report_dir / "evaluation.json", report)
+    return report_dir, report
