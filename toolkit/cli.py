@@ -380,6 +380,96 @@ def compare_command(
     console.print(f"compare directory: {out_dir}")
 
 
+BENCH_DIR = Path("reports")
+JsonOption = Annotated[Path, typer.Option("--json", help="Where to write the results as JSON.")]
+bench_app = typer.Typer(help="Benchmarks: inference backends, the training loop, the demo server.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _write_bench_json(path: Path, data: dict) -> None:
+    from toolkit.fileio import write_json
+
+    write_json(path, data)
+    console.print(f"results: {path}")
+
+
+@bench_app.command("infer")
+def bench_infer_command(
+    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32,256,1024",
+    threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime [default: cores].")] = None,
+    seconds: Annotated[float, typer.Option(help="Minimum measuring time per backend and batch size.")] = 0.5,
+    json_path: JsonOption = BENCH_DIR / "bench-infer.json",
+) -> None:
+    """Latency p50/p99 and images/s per backend and batch size, with speed-up over PyTorch eager."""
+    from rich.table import Table
+
+    from toolkit.bench import bench_infer
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ToolkitError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
+    export_dir = export_dir or newest_export_dir()
+    with console.status("benchmarking...") as status:
+        result = bench_infer(export_dir, sizes, threads=threads, min_seconds=seconds,
+                             progress=lambda what: status.update(f"benchmarking {what}..."))
+    table = Table(title=f"inference on {result['machine']['cpu']}, {result['threads']} threads")
+    for column in ("backend", "batch", "p50 µs", "p99 µs", "images/s", "vs eager"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for r in result["rows"]:
+        table.add_row(r["backend"], str(r["batch_size"]), f"{r['p50_us']:,.1f}", f"{r['p99_us']:,.1f}",
+                      f"{r['images_per_s']:,.0f}", f"{r['speedup_vs_eager']:.2f}x")
+    console.print(table)
+    _write_bench_json(json_path, result)
+
+
+@bench_app.command("train")
+def bench_train_command(
+    arch: Annotated[str, typer.Argument(help="Zoo model to train.")] = "lenet",
+    data_dir: DataDirOption = None,
+    notebook_batches: Annotated[int, typer.Option(help="Batches of the notebook loop to time.")] = 300,
+    limit_train: Annotated[int | None, typer.Option(help="Toolkit loop: first N images only.")] = None,
+    target: Annotated[float, typer.Option(help="Test accuracy to time (fraction).")] = 0.99,
+    json_path: JsonOption = BENCH_DIR / "bench-train.json",
+) -> None:
+    """The toolkit's training loop against the classic DataLoader notebook loop, same machine, same run."""
+    from toolkit.bench import bench_train
+
+    result = bench_train(arch, data_dir=data_dir, notebook_batches=notebook_batches, limit_train=limit_train,
+                         target=target, log=console.print)
+    tk, nb = result["toolkit"], result["notebook"]
+    console.print(f"notebook loop: {nb['images_per_s']:,.0f} images/s ({nb['seconds_per_epoch']:.1f} s/epoch)")
+    to_target = f"{tk['seconds_to_target']:.1f} s" if tk["seconds_to_target"] is not None else "not reached"
+    console.print(f"toolkit loop:  {tk['images_per_s']:,.0f} images/s ({tk['seconds_per_epoch']:.1f} s/epoch), "
+                  f"best {tk['best_test_acc']:.2%}, {target:.0%} reached in {to_target}")
+    console.print(f"speed-up: {result['speedup_images_per_s']:.2f}x images/s")
+    _write_bench_json(json_path, result)
+
+
+@bench_app.command("serve")
+def bench_serve_command(
+    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
+    requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
+    json_path: JsonOption = BENCH_DIR / "bench-serve.json",
+) -> None:
+    """Start the demo server and drive concurrent gradio_client callers at it."""
+    from toolkit.app import EXAMPLES_DIR
+    from toolkit.bench import bench_serve
+
+    result = bench_serve(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
+                         requests=requests, log=console.print)
+    console.print(
+        f"{result['requests']} requests, {result['clients']} clients: {result['errors']} errors, "
+        f"{result['throughput_rps']:.1f} req/s, latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
+        f"p99 {result['p99_ms']:.1f} ms; server-side p50 {result['server_side_p50_ms']:.2f} ms; "
+        f"server memory {result['server_rss_mb_before']:.0f} -> {result['server_rss_mb_after']:.0f} MB"
+    )
+    _write_bench_json(json_path, result)
+
+
 @app.command()
 def models() -> None:
     """List the model zoo: name, parameters, description."""

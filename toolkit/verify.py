@@ -98,7 +98,7 @@ def _onnx_runner(path: Path, provider: str) -> Runner:
     return run
 
 
-def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; see docs
         return torch.jit.load(str(path))
@@ -108,7 +108,7 @@ def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[]
     """name -> (artifact, kind, factory) for every artifact present in the export dir."""
     found: dict[str, tuple[str, str, Callable[[], Runner]]] = {}
     if (export_dir / "model.ts").is_file():
-        found["torchscript"] = ("model.ts", "fp32", lambda: _torch_runner(_load_torchscript(export_dir / "model.ts")))
+        found["torchscript"] = ("model.ts", "fp32", lambda: _torch_runner(load_torchscript(export_dir / "model.ts")))
     if (export_dir / "model.pt2").is_file():
         found["torch-export"] = ("model.pt2", "fp32", lambda: _torch_runner(
             torch.export.load(str(export_dir / "model.pt2")).module()))

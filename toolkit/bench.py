@@ -1,0 +1,311 @@
+"""Benchmarks: inference per backend, the training loop against the notebook loop, the demo server.
+
+Figures are medians over many runs, and every ratio is taken within the same run so machine
+noise cancels. None of this is a test: tests only check the commands run and write valid JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.checkpoint import build_deployable, load_checkpoint
+from toolkit.errors import ToolkitError
+
+Runner = Callable[[], Any]
+Loader = Callable[[], Callable[[np.ndarray], Runner]]  # builds a backend: batch -> one-batch runner
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": str(torch.__version__), "cuda": gpu}
+
+
+def time_runner(run: Runner, *, min_seconds: float = 0.5, min_repeats: int = 20, warmup: int = 10,
+                sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall times of `run` in seconds, after warm-up, for at least `min_seconds` and `min_repeats`."""
+    for _ in range(warmup):
+        run()
+    if sync:
+        sync()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 100_000:
+            break
+    return times
+
+
+def percentile_us(times: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(times), q) * 1e6)
+
+
+def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
+    """name -> loader; a loader builds the backend and returns factory(batch) -> one-batch runner.
+
+    Backends are built one at a time and dropped after measuring, so an idle onnxruntime thread
+    pool never competes with the backend being timed.
+    """
+    from toolkit.runtime import create_session, cuda_provider_usable
+
+    torch.set_num_threads(threads)
+
+    def torch_backend(load: Callable[[], Any], device: str = "cpu") -> Loader:
+        def loader() -> Callable[[np.ndarray], Runner]:
+            module = load()
+            def make(batch: np.ndarray) -> Runner:
+                x = torch.from_numpy(batch).to(device)
+                def run() -> Any:
+                    with torch.inference_mode():
+                        return module(x)
+                return run
+            return make
+        return loader
+
+    def onnx_backend(path: Path, provider: str, io_binding: bool = False) -> Loader:
+        def loader() -> Callable[[np.ndarray], Runner]:
+            session = create_session(path, provider, threads)
+            def make(batch: np.ndarray) -> Runner:
+                if not io_binding:
+                    feeds = {"image": batch}
+                    return lambda: session.run(None, feeds)
+                # IO binding: input and outputs bound once, so a run() copies nothing in Python.
+                binding = session.io_binding()
+                binding.bind_cpu_input("image", batch)
+                for output in ("logits", "probabilities"):
+                    binding.bind_output(output)
+                return lambda: session.run_with_iobinding(binding)
+            return make
+        return loader
+
+    def reference() -> torch.nn.Module:
+        return build_deployable(load_checkpoint(export_dir / "model.pt"))
+
+    backends = {"pytorch-eager": torch_backend(reference)}
+    if (export_dir / "model.ts").is_file():
+        from toolkit.verify import load_torchscript
+
+        backends["torchscript"] = torch_backend(lambda: load_torchscript(export_dir / "model.ts"))
+    if (export_dir / "model.pt2").is_file():
+        backends["torch-export"] = torch_backend(lambda: torch.export.load(str(export_dir / "model.pt2")).module())
+    cuda = cuda_provider_usable()
+    for artifact, suffix in (("model.onnx", ""), ("model.int8.onnx", "-int8"), ("model.fp16.onnx", "-fp16")):
+        path = export_dir / artifact
+        if not path.is_file():
+            continue
+        backends[f"onnxruntime-cpu{suffix}"] = onnx_backend(path, "cpu")
+        if not suffix:
+            backends["onnxruntime-cpu-iobinding"] = onnx_backend(path, "cpu", io_binding=True)
+        if cuda:
+            backends[f"onnxruntime-cuda{suffix}"] = onnx_backend(path, "cuda")
+    if torch.cuda.is_available():
+        backends["pytorch-cuda"] = torch_backend(lambda: reference().cuda(), "cuda")
+    return backends
+
+
+def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int | None = None,
+                min_seconds: float = 0.5, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Latency p50/p99 and throughput for every backend and batch size, with speed-up over eager."""
+    export_dir = Path(export_dir)
+    if not (export_dir / "model.pt").is_file():
+        raise ToolkitError(f"{export_dir} is not an export dir (no model.pt); run `toolkit export` first")
+    if not batch_sizes or any(b <= 0 for b in batch_sizes):
+        raise ToolkitError(f"batch sizes must be positive, got {batch_sizes}")
+    threads = threads or os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+    batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}
+    rows = []
+    for name, loader in _inference_backends(export_dir, threads).items():
+        make = loader()
+        sync = torch.cuda.synchronize if name == "pytorch-cuda" else None
+        for size, batch in batches.items():
+            if progress:
+                progress(f"{name} batch {size}")
+            times = time_runner(make(batch), min_seconds=min_seconds, sync=sync)
+            p50 = percentile_us(times, 50)
+            rows.append({"backend": name, "batch_size": size, "p50_us": p50, "p99_us": percentile_us(times, 99),
+                         "images_per_s": size / (p50 / 1e6), "runs": len(times)})
+        del make
+    eager = {r["batch_size"]: r["p50_us"] for r in rows if r["backend"] == "pytorch-eager"}
+    for row in rows:
+        row["speedup_vs_eager"] = eager[row["batch_size"]] / row["p50_us"]
+    rows.sort(key=lambda r: r["batch_size"])
+    return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "machine": machine(), "rows": rows}
+
+
+def _notebook_loop_images_per_s(data_dir: Path, batches: int) -> tuple[float, float]:
+    """The classic course loop: torchvision MNIST, ToTensor+Normalize, DataLoader batch 64, SGD."""
+    import torchvision
+    from torchvision import transforms
+
+    from toolkit.models import create_model
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    try:
+        dataset = torchvision.datasets.MNIST(str(data_dir), train=True, transform=transform, download=False)
+    except RuntimeError as exc:
+        raise ToolkitError(f"the notebook loop needs MNIST in torchvision's layout under {data_dir}: {exc}") from exc
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    model = create_model("lenet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    seen, started = 0, time.perf_counter()
+    for index, (x, y) in enumerate(loader):
+        if index >= batches:
+            break
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+    seconds = time.perf_counter() - started
+    return seen / seconds, seconds
+
+
+def bench_train(
+    arch: str = "lenet", *, data_dir: str | Path | None = None, notebook_batches: int = 300,
+    limit_train: int | None = None, target: float = 0.99, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The toolkit's default-recipe training against the notebook loop, in the same process."""
+    from toolkit.data import resolve_data_dir
+    from toolkit.train import make_config, train
+
+    root = resolve_data_dir(data_dir)
+    log("notebook loop (DataLoader + transforms, batch 64, SGD)...")
+    notebook_ips, notebook_seconds = _notebook_loop_images_per_s(root, notebook_batches)
+    config = make_config(arch, limit_train=limit_train)
+    log(f"toolkit loop ({arch} default recipe: {config.optimizer}, batch {config.batch_size}, "
+        f"{config.epochs} epochs)...")
+    with tempfile.TemporaryDirectory() as runs:
+        result = train(config, data_dir=root, runs_dir=runs, name="bench", device="cpu", log=log)
+    train_images = limit_train or 60_000
+    epoch_seconds = [h["seconds"] for h in result.history]
+    elapsed, to_target = 0.0, None
+    for h in result.history:
+        elapsed += h["seconds"]
+        if to_target is None and h["test_acc"] >= target:
+            to_target = elapsed
+    toolkit_ips = train_images * len(epoch_seconds) / sum(epoch_seconds)  # includes per-epoch test pass
+    return {
+        "kind": "train", "arch": arch, "machine": machine(), "threads": torch.get_num_threads(),
+        "toolkit": {"images_per_s": toolkit_ips, "seconds_per_epoch": statistics.median(epoch_seconds),
+                    "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
+                    "best_test_acc": result.best_test_acc, "target_acc": target,
+                    "seconds_to_target": to_target, "train_seconds": result.train_seconds},
+        "notebook": {"images_per_s": notebook_ips, "seconds_per_epoch": 60_000 / notebook_ips,
+                     "measured_batches": notebook_batches, "measured_seconds": notebook_seconds},
+        "speedup_images_per_s": toolkit_ips / notebook_ips,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+@contextlib.contextmanager
+def demo_server(export_dir: Path, port: int, timeout: float = 120) -> Iterator[subprocess.Popen]:
+    """`toolkit demo` in a subprocess, ready to take requests."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "demo", str(export_dir), "--port", str(port), "--provider", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ToolkitError(f"the demo server did not start on port {port}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        if process.poll() is None:
+            process.kill()
+
+
+def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16, requests: int = 400,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """N concurrent gradio_client callers against a real demo server: latency, throughput, errors, memory."""
+    import re
+
+    from gradio_client import Client, handle_file
+
+    if clients <= 0 or requests <= 0:
+        raise ToolkitError("--clients and --requests must be positive")
+    if not images:
+        raise ToolkitError("no example images to send")
+    port = _free_port()
+    with demo_server(Path(export_dir), port) as server:
+        url = f"http://127.0.0.1:{port}/"
+        pool = [Client(url, verbose=False) for _ in range(clients)]
+        pool[0].predict(handle_file(str(images[0])), api_name="/predict")  # warm-up
+        memory_before = _rss_mb(server.pid)
+        log(f"{clients} clients, {requests} requests against {url}")
+
+        def call(index: int) -> tuple[float, float | None, str | None]:
+            started = time.perf_counter()
+            try:
+                result = pool[index % clients].predict(handle_file(str(images[index % len(images)])),
+                                                       api_name="/predict")
+            except Exception as exc:  # counted and reported: the point is to see them
+                return time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"
+            found = re.search(r"in ([\d.]+) ms", result[2] or "")
+            return time.perf_counter() - started, float(found.group(1)) if found else None, None
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as executor:
+            outcomes = list(executor.map(call, range(requests)))
+        wall = time.perf_counter() - started
+        memory_after = _rss_mb(server.pid)
+    latencies = [o[0] for o in outcomes if o[2] is None]
+    server_ms = [o[1] for o in outcomes if o[1] is not None]
+    errors = [o[2] for o in outcomes if o[2] is not None]
+    return {
+        "kind": "serve", "machine": machine(), "clients": clients, "requests": requests, "errors": len(errors),
+        "error_examples": errors[:5], "throughput_rps": requests / wall,
+        "p50_ms": percentile_us(latencies, 50) / 1000 if latencies else None,
+        "p95_ms": percentile_us(latencies, 95) / 1000 if latencies else None,
+        "p99_ms": percentile_us(latencies, 99) / 1000 if latencies else None,
+        "server_side_p50_ms": statistics.median(server_ms) if server_ms else None,
+        "server_rss_mb_before": memory_before, "server_rss_mb_after": memory_after,
+    }
