@@ -91,7 +91,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
             with gr.Column():
                 label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
                 seen = gr.Image(label="what the model saw (28x28)", height=168, interactive=False,
-                                image_mode="L", elem_id="seen")
+                                image_mode="L", format="png", elem_id="seen")
                 status = gr.Markdown(elem_id="status", label="status")
         outputs = [label, seen, status]
         sketchpad.change(predict, sketchpad, outputs, show_progress="hidden", trigger_mode="always_last",

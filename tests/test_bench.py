@@ -1,0 +1,44 @@
+"""Benchmarks are not tests: these only check each bench command runs on a tiny setting and writes valid JSON."""
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_bench_infer_writes_rows_for_every_backend(export_dir, tmp_path):
+    out = tmp_path / "infer.json"
+    result = run_cli("bench", "infer", export_dir, "--batch-sizes", "1,3", "--seconds", "0.01", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    backends = {row["backend"] for row in data["rows"]}
+    assert {"pytorch-eager", "torchscript", "torch-export", "onnxruntime-cpu", "onnxruntime-cpu-int8"} <= backends
+    for row in data["rows"]:
+        assert {"backend", "batch_size", "p50_us", "p99_us", "images_per_s", "speedup_vs_eager"} <= set(row)
+        assert row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"] and row["images_per_s"] > 0
+    eager = [row for row in data["rows"] if row["backend"] == "pytorch-eager"]
+    assert all(row["speedup_vs_eager"] == 1.0 for row in eager)
+
+
+def test_bench_train_compares_with_the_notebook_loop(mnist_dir, tmp_path):
+    out = tmp_path / "train.json"
+    result = run_cli("bench", "train", "lenet", "--data-dir", mnist_dir, "--notebook-batches", "5",
+                     "--limit-train", "1000", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["toolkit"]["images_per_s"] > 0 and data["notebook"]["images_per_s"] > 0
+    assert data["speedup_images_per_s"] == data["toolkit"]["images_per_s"] / data["notebook"]["images_per_s"]
+
+
+def test_bench_serve_drives_concurrent_clients(export_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    result = run_cli("bench", "serve", export_dir, "--clients", "2", "--requests", "6", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["requests"] == 6 and data["errors"] == 0
+    assert data["p50_ms"] > 0 and data["server_side_p50_ms"] > 0
+    assert data["server_rss_mb_before"] > 0
+
+
+def test_bench_rejects_bad_batch_sizes(export_dir):
+    result = run_cli("bench", "infer", export_dir, "--batch-sizes", "1,x")
+    assert result.returncode != 0 and "--batch-sizes must be integers" in result.stderr
