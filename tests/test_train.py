@@ -84,7 +84,7 @@ def test_torchrun_trains_with_two_cpu_processes(tmp_path, mnist_dir):
     assert load_checkpoint(tmp_path / "ddp" / "best.pt")["arch"] == "lenet"
 
 
-def test_unsafe_pickle_is_refused(tmp_path):
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     class Exploit:
         def __reduce__(self):
             return (os.system, ("echo pwned > /dev/null",))
@@ -94,35 +94,6 @@ def test_unsafe_pickle_is_refused(tmp_path):
     result = run_cli("train", "lenet", "--resume", path)
     assert result.returncode != 0
     assert "refusing to load" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["train", "resnet9000"], "unknown model 'resnet9000'; known models:"),
-        (["train", "lenet", "--epochs", "0"], "--epochs must be positive"),
-        (["train", "lenet", "--batch-size", "-4"], "--batch-size must be positive"),
-        (["train", "lenet", "--dataset", "cifar"], "unknown dataset 'cifar'"),
-        (["train", "lenet", "--data-dir", "/nonexistent/mnist"], "not found under /nonexistent"),
-        (["train", "lenet", "--resume", "/nonexistent/run"], "checkpoint not found"),
-    ],
-)
-def test_bad_training_input_is_one_clear_line(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, trained_run):
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes((trained_run / "last.pt").read_bytes()[:3000])
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    for path, message in ((broken, "corrupt or truncated"), (foreign, "not a toolkit checkpoint")):
-        result = run_cli("train", "lenet", "--resume", path)
-        assert result.returncode != 0 and message in result.stderr
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, trained_run):

@@ -52,7 +52,7 @@ class RecipeName(str, Enum):
 DataDirOption = Annotated[
     Path | None,
     typer.Option(help="Folder with the dataset (torchvision layout or plain IDX files). "
-                 "[default: $TOOLKIT_DATA_DIR, else ./data]"),
+                 "(default: $TOOLKIT_DATA_DIR, else ./data)"),
 ]
 
 
@@ -64,18 +64,18 @@ def train(
     recipe: Annotated[
         RecipeName, typer.Option(help="default: fast and accurate; notebook: the classic course setting.")
     ] = RecipeName.default,
-    epochs: Annotated[int | None, typer.Option(help="Epochs [default: from the recipe].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: from the recipe].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: from the recipe].")] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option(help="[default: from the recipe]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: from the recipe).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: from the recipe).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: from the recipe).")] = None,
+    optimizer: Annotated[Optimizer | None, typer.Option(help="(default: from the recipe)")] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
-    scheduler: Annotated[Scheduler | None, typer.Option(help="[default: from the recipe]")] = None,
+    scheduler: Annotated[Scheduler | None, typer.Option(help="(default: from the recipe)")] = None,
     augment: Annotated[bool, typer.Option(help="Random affine + elastic distortion, batched.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
     device: Annotated[Device, typer.Option(help="auto: CUDA when usable, else CPU.")] = Device.auto,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N images only.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
-    name: Annotated[str | None, typer.Option(help="Run name [default: ARCH-TIMESTAMP].")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: ARCH-TIMESTAMP).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run dir from its last.pt.")] = None,
 ) -> None:
     """Train ARCH and write runs/NAME/ with best.pt, last.pt, metrics.json, curves.png.
@@ -132,11 +132,11 @@ AccDropOption = Annotated[
 @app.command()
 def export(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="A checkpoint [default: best.pt of the newest run under --runs-dir].")
+        Path | None, typer.Argument(help="A checkpoint (default: best.pt of the newest run under --runs-dir).")
     ] = None,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="What to write.")] = ExportFormat.onnx,
-    out: Annotated[Path | None, typer.Option(help="Export dir [default: exports/RUN_NAME].")] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: the exporter's].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Export dir (default: exports/RUN_NAME).")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     quantize: Annotated[str | None, typer.Option(help="'int8': also write a static QDQ model.int8.onnx.")] = None,
     fp16: Annotated[bool, typer.Option(help="Also write model.fp16.onnx.")] = False,
     verify: Annotated[bool, typer.Option(help="Check parity before replacing the previous export.")] = True,
@@ -181,7 +181,7 @@ def export(
 
 @app.command("verify")
 def verify_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
     atol: AtolOption = 1e-5,
     rtol: RtolOption = 1e-4,
     max_acc_drop: AccDropOption = 0.3,
@@ -229,10 +229,10 @@ def _verify_and_report(
 
 
 ModelOption = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Export dir or .onnx file [default: newest under exports/].")
+    Path | None, typer.Option("--model", "-m", help="Export dir or .onnx file (default: newest under exports/).")
 ]
 ProviderOption = Annotated[Provider, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
-ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: all cores].")]
+ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 
 
 @app.command()
@@ -271,7 +271,7 @@ def predict(
 
 @app.command()
 def demo(
-    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
@@ -293,11 +293,11 @@ def demo(
 @app.command()
 def evaluate(
     model: Annotated[
-        Path | None, typer.Argument(help="Checkpoint, export dir or .onnx file [default: newest run's best.pt].")
+        Path | None, typer.Argument(help="Checkpoint, export dir or .onnx file (default: newest run's best.pt).")
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Evaluate on another 28x28 10-class dataset.")] = None,
     data_dir: DataDirOption = None,
-    out: Annotated[Path | None, typer.Option(help="Report dir [default: reports/RUN_NAME].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report dir (default: reports/RUN_NAME).")] = None,
     provider: ProviderOption = Provider.auto,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
 ) -> None:
@@ -323,9 +323,9 @@ def evaluate(
 @app.command("inspect")
 def inspect_command(
     target: Annotated[
-        str | None, typer.Argument(help="Checkpoint path or zoo model name [default: newest run's best.pt].")
+        str | None, typer.Argument(help="Checkpoint path or zoo model name (default: newest run's best.pt).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output dir [default: reports/NAME].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default: reports/NAME).")] = None,
     data_dir: DataDirOption = None,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
 ) -> None:
@@ -352,13 +352,13 @@ def inspect_command(
 @app.command("compare")
 def compare_command(
     archs: Annotated[list[str], typer.Argument(help="Two or more zoo models, e.g. mlp tinycnn.")],
-    epochs: Annotated[int | None, typer.Option(help="Epochs for every model [default: each recipe's].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs for every model (default: each recipe's).")] = None,
     recipe: Annotated[RecipeName, typer.Option(help="default or notebook recipes.")] = RecipeName.default,
     dataset: Annotated[str, typer.Option(help="Dataset to train and test on.")] = "mnist",
     data_dir: DataDirOption = None,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N images only.")] = None,
     seed: Annotated[int, typer.Option(help="The same seed for every model.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Output dir [default: reports/compare-TIMESTAMP].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default: reports/compare-TIMESTAMP).")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when usable, else CPU.")] = Device.auto,
 ) -> None:
     """Train models on the same data with the same seed; table and compare.png side by side."""
@@ -396,9 +396,9 @@ def _write_bench_json(path: Path, data: dict) -> None:
 
 @bench_app.command("infer")
 def bench_infer_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32,256,1024",
-    threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime [default: cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime (default: cores).")] = None,
     seconds: Annotated[float, typer.Option(help="Minimum measuring time per backend and batch size.")] = 0.5,
     json_path: JsonOption = BENCH_DIR / "bench-infer.json",
 ) -> None:
@@ -450,7 +450,7 @@ def bench_train_command(
 
 @bench_app.command("serve")
 def bench_serve_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="[default: the newest dir under exports/]")] = None,
+    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
     clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
@@ -487,12 +487,23 @@ def models() -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line on stderr and exit 1."""
+    """Entry point: every user error becomes one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # bad usage: unknown option, missing argument, bad choice
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `toolkit` alone: the help is the answer
+            typer.echo(message)
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        _fail(f"{message} (see `{ctx.command_path if ctx else 'toolkit'} --help`)", code=2)
     except ToolkitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _fail(str(exc))
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", code=130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)

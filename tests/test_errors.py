@@ -1,0 +1,83 @@
+"""Every user-facing error of every command: non-zero exit, one clear line on stderr, no traceback."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, export_dir):
+    """A folder of broken inputs of every kind, named by what is wrong with them."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.pt").write_bytes((export_dir / "model.pt").read_bytes()[:2000])
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    (root / "not-an-image.png").write_text("hello")
+    (root / "empty-dir").mkdir()
+    no_manifest = root / "no-manifest"
+    shutil.copytree(export_dir, no_manifest)
+    (no_manifest / "manifest.json").unlink()
+    (root / "corrupt.onnx").write_bytes(b"\x08\x01garbage")
+    return root
+
+
+CASES = [
+    # (command line, with {bad} and {export} placeholders; what stderr must say; exit code)
+    ("train resnet9000", "unknown model 'resnet9000'; known models:", 1),
+    ("train lenet --epochs 0", "--epochs must be positive", 1),
+    ("train lenet --batch-size -4", "--batch-size must be positive", 1),
+    ("train lenet --lr 0", "--lr must be positive", 1),
+    ("train lenet --epochs abc", "Invalid value for '--epochs'", 2),
+    ("train lenet --optimizer rmsprop", "Invalid value for '--optimizer'", 2),
+    ("train lenet --dataset cifar", "unknown dataset 'cifar'", 1),
+    ("train lenet --data-dir /nonexistent/mnist", "not found under /nonexistent/mnist", 1),
+    ("train lenet --data-dir {bad}/corrupt.pt", "is not a directory", 1),
+    ("train lenet --resume /nonexistent/run", "checkpoint not found", 1),
+    ("train lenet --resume {bad}/corrupt.pt", "corrupt or truncated", 1),
+    ("train lenet --resume {bad}/foreign.pt", "not a toolkit checkpoint", 1),
+    ("train lenet --resume {export}/model.pt", "no training state to resume from", 1),
+    ("train lenet --device cuda --limit-train 10", "no CUDA GPU is usable", 1),
+    ("export /nonexistent.pt --out {bad}/out", "checkpoint not found", 1),
+    ("export {bad}/corrupt.pt --out {bad}/out", "not a readable PyTorch checkpoint", 1),
+    ("export {export}/model.pt --opset 7 --out {bad}/out", "unsupported --opset 7", 1),
+    ("export {export}/model.pt --quantize int4 --out {bad}/out", "unsupported --quantize 'int4'", 1),
+    ("export {export}/model.pt --format pdf", "Invalid value for '--format'", 2),
+    ("export --runs-dir {bad}/empty-dir", "no checkpoint found under", 1),
+    ("verify {bad}/missing", "export dir not found", 1),
+    ("verify {bad}/no-manifest", "has no manifest.json", 1),
+    ("predict {bad}/not-an-image.png --model {bad}/missing", "no ONNX model at", 1),
+    ("predict {bad}/not-an-image.png --model {bad}/corrupt.onnx", "onnxruntime cannot load", 1),
+    ("predict {bad}/not-an-image.png --model {export} --provider cuda", "CUDA is not usable", 1),
+    ("predict {bad}/not-an-image.png --model {export} --top-k 0", "Invalid value for '--top-k'", 2),
+    ("demo {bad}/empty-dir", "no ONNX model at", 1),
+    ("evaluate {bad}/foreign.pt", "not a toolkit checkpoint", 1),
+    ("evaluate {export} --dataset cifar", "unknown dataset 'cifar'", 1),
+    ("inspect resnet9000", "neither a checkpoint file nor a model name", 1),
+    ("compare mlp nope", "unknown model 'nope'", 1),
+    ("bench infer {bad}/empty-dir", "is not an export dir", 1),
+    ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
+    ("bench serve {export} --clients 0", "--clients and --requests must be positive", 1),
+    ("frobnicate", "No such command 'frobnicate'", 2),
+]
+
+
+@pytest.mark.parametrize(("command", "message", "code"), CASES, ids=[c[0].split(" {")[0] for c in CASES])
+def test_user_errors_are_one_clear_line(bad, export_dir, command, message, code):
+    args = [part.format(bad=bad, export=export_dir) for part in command.split()]
+    result = run_cli(*args)
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
+    good = sorted((REPO / "demo" / "examples").glob("*.png"))[0]
+    result = run_cli("predict", bad / "not-an-image.png", good, "--model", export_dir, "--json")
+    assert result.returncode == 0
+    rows = json.loads(result.stdout)
+    assert "error" in rows[0] and rows[1]["label"] == good.stem.rsplit("-", 1)[-1]
