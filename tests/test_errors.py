@@ -49,7 +49,7 @@ CASES = [
     ("verify {bad}/missing", "export dir not found", 1),
     ("verify {bad}/no-manifest", "has no manifest.json", 1),
     ("predict {bad}/not-an-image.png --model {bad}/missing", "no ONNX model at", 1),
-    ("predict {bad}/not-an-image.png --model {bad}/corrupt.onnx", "onnxruntime cannot load", 1),
+    ("predict {bad}/not-an-image.png --model {bad}/corrupt.onnx", "is not a valid ONNX model", 1),
     ("predict {bad}/not-an-image.png --model {export} --provider cuda", "CUDA is not usable", 1),
     ("predict {bad}/not-an-image.png --model {export} --top-k 0", "Invalid value for '--top-k'", 2),
     ("demo {bad}/empty-dir", "no ONNX model at", 1),

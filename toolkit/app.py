@@ -113,9 +113,10 @@ def launch(
     provider: str = "auto",
     threads: int | None = None,
     block: bool = True,
+    check_integrity: bool = True,
 ) -> gr.Blocks:
     """Load the model and serve the demo (localhost only and no share link unless asked)."""
-    predictor = Predictor(export_dir, provider=provider, threads=threads)
+    predictor = Predictor(export_dir, provider=provider, threads=threads, check_integrity=check_integrity)
     log.info("serving %s on onnxruntime-%s", predictor.path, predictor.provider)
     demo = build_demo(predictor)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)

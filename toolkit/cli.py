@@ -233,6 +233,9 @@ ModelOption = Annotated[
 ]
 ProviderOption = Annotated[Provider, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+IntegrityOption = Annotated[
+    bool, typer.Option("--skip-integrity-check", help="Serve a model whose sha256 differs from its manifest.")
+]
 
 
 @app.command()
@@ -243,6 +246,7 @@ def predict(
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
     provider: ProviderOption = Provider.auto,
     threads: ThreadsOption = None,
+    skip_integrity_check: IntegrityOption = False,
 ) -> None:
     """Classify image files through the same preprocessing as the demo.
 
@@ -251,7 +255,8 @@ def predict(
     from toolkit.inference import classify_files
     from toolkit.runtime import Predictor
 
-    predictor = Predictor(model or newest_export_dir(), provider=provider.value, threads=threads)
+    predictor = Predictor(model or newest_export_dir(), provider=provider.value, threads=threads,
+                          check_integrity=not skip_integrity_check)
     results = classify_files(predictor, images, top_k)
     if json_output:
         typer.echo(json.dumps(results, indent=2))
@@ -277,6 +282,7 @@ def demo(
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
     provider: ProviderOption = Provider.auto,
     threads: ThreadsOption = None,
+    skip_integrity_check: IntegrityOption = False,
 ) -> None:
     """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction."""
     import logging
@@ -287,7 +293,8 @@ def demo(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     export_dir = export_dir or newest_export_dir()
     console.print(f"serving {export_dir} at http://{host}:{port}")
-    launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads)
+    launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads,
+           check_integrity=not skip_integrity_check)
 
 
 @app.command()

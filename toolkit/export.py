@@ -251,7 +251,8 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        _remove_abandoned_stages(target)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
         raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     try:
@@ -265,6 +266,24 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise ToolkitError(f"cannot write export to {target}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_abandoned_stages(target: Path) -> None:
+    """Staging dirs left by a killed export (their process is gone) are debris, not data."""
+    for stage in target.parent.glob(f".{target.name}.staging-*"):
+        pid = stage.name.removeprefix(f".{target.name}.staging-").split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

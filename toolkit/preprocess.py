@@ -41,6 +41,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError as exc:
         raise ImageReadError(f"file not found: {source}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"cannot read this image: it is too large ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageReadError("cannot read this image: not a supported image file") from exc
     width, height = image.size
@@ -139,10 +141,10 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
         return np.clip(array.astype(np.float32) / top, 0, 1)
     if not np.issubdtype(array.dtype, np.floating):
         raise ImageReadError(f"cannot read this image: unsupported pixel type {array.dtype}")
-    array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise ImageReadError("cannot read this image: it contains NaN or infinite values")
-    return array / 255.0 if array.max(initial=0) > 1.0 else np.clip(array, 0, 1)
+    scaled = array / 255.0 if array.max(initial=0) > 1.0 else array
+    return np.clip(scaled, 0, 1).astype(np.float32)
 
 
 def _border(values: np.ndarray) -> np.ndarray:

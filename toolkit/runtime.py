@@ -97,6 +97,26 @@ def resolve_onnx_path(model: str | Path) -> Path:
     return path
 
 
+def check_model_file(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a model that differs from its export's manifest or fails the ONNX checker."""
+    from toolkit.fileio import sha256_file
+
+    listed = (manifest.get("artifacts") or {}).get(path.name)
+    if listed and sha256_file(path) != listed.get("sha256"):
+        raise ToolkitError(
+            f"{path} does not match the sha256 in its manifest.json (changed after export?); "
+            "re-export it, or pass --skip-integrity-check if you trust it"
+        )
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, OSError, ValueError) as exc:
+        raise ToolkitError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ToolkitError(f"{path} is not a valid ONNX model ({type(exc).__name__})") from exc
+
+
 @dataclass
 class Prediction:
     """Class probabilities for one image, best first."""
@@ -121,15 +141,19 @@ class Prediction:
 class Predictor:
     """An exported ONNX model behind onnxruntime: 28x28 [0, 1] images in, ranked classes out."""
 
-    def __init__(self, model: str | Path, provider: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | Path, provider: str = "auto", threads: int | None = None, *, check_integrity: bool = True
+    ) -> None:
         self.path = resolve_onnx_path(model)
+        self.manifest = self._read_manifest()
+        if check_integrity:
+            check_model_file(self.path, self.manifest)
         self.session = create_session(self.path, provider, threads)
         self.provider = session_provider(self.session)
         self.metadata = read_onnx_metadata(self.session)
         self.class_names: list[str] = list(
             self.metadata.get("class_names") or [str(i) for i in range(10)]
         )
-        self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
         manifest = self.path.parent / "manifest.json"

@@ -1,0 +1,180 @@
+"""Faults and untrusted input: killed processes, unwritable outputs, fuzzed images."""
+
+import contextlib
+import io
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from tests.conftest import run_cli
+from toolkit.checkpoint import load_checkpoint
+from toolkit.preprocess import ImageReadError, load_image, preprocess
+
+TRAIN = ["train", "lenet", "--epochs", "4", "--limit-train", "3000", "--batch-size", "100", "--device", "cpu"]
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _history(run_dir):
+    history = load_checkpoint(run_dir / "last.pt")["metrics"]["history"]
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
+
+
+def test_sigkill_during_training_loses_nothing_and_resume_matches(tmp_path, mnist_dir):
+    assert run_cli(*TRAIN, "--runs-dir", tmp_path, "--name", "whole", "--data-dir", mnist_dir).returncode == 0
+    rng = random.Random(7)
+    run_dir = tmp_path / "killed"
+    process = _start(*TRAIN, "--runs-dir", tmp_path, "--name", "killed", "--data-dir", mnist_dir)
+    for _ in range(2):  # kill, resume, kill again, resume to the end
+        _wait_for(run_dir / "last.pt", process)
+        time.sleep(rng.uniform(0.0, 1.5))  # mid-epoch or mid-checkpoint-write
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for checkpoint in run_dir.glob("*.pt"):
+            load_checkpoint(checkpoint)  # every checkpoint on disk still loads
+        process = _start("train", "lenet", "--resume", run_dir, "--data-dir", mnist_dir, "--device", "cpu")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert _history(run_dir) == _history(tmp_path / "whole")
+
+
+def test_sigkill_during_export_keeps_the_previous_export(export_dir, trained_run, tmp_path, mnist_dir):
+    target = tmp_path / "exports" / "lenet"
+    shutil.copytree(export_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    process = _start("export", trained_run / "best.pt", "--format", "all", "--quantize", "int8",
+                     "--out", target, "--data-dir", mnist_dir)
+    time.sleep(random.Random(3).uniform(4.0, 9.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert run_cli("verify", target, "--data-dir", mnist_dir).returncode == 0
+    # The next export clears the dead one's staging dir.
+    assert run_cli("export", trained_run / "best.pt", "--out", target, "--no-verify").returncode == 0
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]
+
+
+@pytest.mark.parametrize("where", ["/proc/toolkit-test/out", "{file}/out"])
+def test_unwritable_output_is_a_clear_error_without_partial_files(trained_run, tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = where.format(file=blocker)
+    for args in (["export", trained_run / "best.pt", "--out", out, "--no-verify"],
+                 ["train", "lenet", "--limit-train", "100", "--epochs", "1", "--runs-dir", out]):
+        result = run_cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: cannot write") and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+pixel_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, bool])
+shapes = st.one_of(
+    st.tuples(st.integers(0, 64), st.integers(0, 64)),
+    st.tuples(st.integers(0, 40), st.integers(0, 40), st.sampled_from([1, 2, 3, 4, 5])),
+    st.tuples(st.integers(1, 3), st.integers(0, 30), st.integers(0, 30)),
+    st.tuples(st.just(1), st.integers(1, 3000)),
+    st.tuples(st.integers(1, 3000), st.just(1)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(pixel_dtypes, shapes))
+def test_fuzzed_arrays_give_a_digit_nothing_or_a_clear_error(array):
+    try:
+        digit = preprocess(array)
+    except ImageReadError as exc:
+        assert str(exc).startswith("cannot read this image")
+        return
+    assert digit is None or (digit.shape == (28, 28) and np.isfinite(digit).all()
+                             and digit.min() >= 0.0 and digit.max() <= 1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=4096))
+def test_fuzzed_bytes_never_crash_the_reader(data):
+    with contextlib.suppress(ImageReadError):
+        preprocess(data)
+
+
+def _encoded(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP"]), st.integers(1, 600), st.integers(1, 600),
+       st.sampled_from(["L", "RGB", "RGBA", "CMYK", "I;16", "1", "P"]), st.floats(0.05, 1.0))
+def test_fuzzed_real_images_and_truncations(fmt, width, height, mode, keep):
+    rng = np.random.default_rng(width * 1000 + height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).convert(mode)
+    try:
+        data = _encoded(image, fmt)
+    except (OSError, ValueError, KeyError):
+        return  # this format cannot hold this mode: nothing to test
+    for blob in (data, data[: max(1, int(len(data) * keep))]):
+        with contextlib.suppress(ImageReadError):  # pytest-timeout bounds the time
+            preprocess(blob)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = _encoded(Image.new("1", (20_000, 20_000)), "PNG")  # ~50 KB on disk, 400 megapixels
+    with pytest.raises(ImageReadError, match="too large"):
+        load_image(bomb)
+
+
+def test_tampered_model_is_refused_before_serving(export_dir, tmp_path):
+    target = tmp_path / "export"
+    shutil.copytree(export_dir, target)
+    model = target / "model.onnx"
+    model.write_bytes(model.read_bytes().replace(b"lenet", b"lenex", 1))
+    digit = tmp_path / "digit.png"
+    Image.new("L", (50, 50), 255).save(digit)
+    refused = run_cli("predict", digit, "--model", target)
+    assert refused.returncode == 1 and "does not match the sha256" in refused.stderr
+    allowed = run_cli("predict", digit, "--model", target, "--skip-integrity-check", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_the_demo_is_local_private_and_serves_no_files_by_default(export_dir):
+    import httpx
+
+    from toolkit.app import launch
+
+    demo = launch(export_dir, port=_free_port(), provider="cpu", block=False)
+    try:
+        assert demo.server_name == "127.0.0.1" and not demo.share
+        for path in ("gradio_api/file=/etc/passwd", "file=/etc/passwd", "gradio_api/file=../../etc/passwd"):
+            response = httpx.get(f"{demo.local_url}{path}")
+            assert response.status_code in (403, 404), path
+            assert "root:" not in response.text
+    finally:
+        demo.close()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
