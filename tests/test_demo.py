@@ -1,7 +1,6 @@
 """The demo as people and programs use it: a real Gradio server, gradio_client, headless Chromium."""
 
 import itertools
-import socket
 import time
 from pathlib import Path
 
@@ -12,21 +11,17 @@ from PIL import Image
 
 from tests.conftest import REPO
 from toolkit.app import launch
+from toolkit.bench import free_port
 
 EXAMPLES = sorted((REPO / "demo" / "examples").glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    port = _free_port()
+    port = free_port()
     demo = launch(export_dir, port=port, provider="cpu", block=False)
     yield f"http://127.0.0.1:{port}/"
     demo.close()

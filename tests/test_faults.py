@@ -17,6 +17,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from tests.conftest import run_cli
+from toolkit.bench import free_port
 from toolkit.checkpoint import load_checkpoint
 from toolkit.preprocess import ImageReadError, load_image, preprocess
 
@@ -161,7 +162,7 @@ def test_the_demo_is_local_private_and_serves_no_files_by_default(export_dir):
 
     from toolkit.app import launch
 
-    demo = launch(export_dir, port=_free_port(), provider="cpu", block=False)
+    demo = launch(export_dir, port=free_port(), provider="cpu", block=False)
     try:
         assert demo.server_name == "127.0.0.1" and not demo.share
         for path in ("gradio_api/file=/etc/passwd", "file=/etc/passwd", "gradio_api/file=../../etc/passwd"):
@@ -171,10 +172,3 @@ def test_the_demo_is_local_private_and_serves_no_files_by_default(export_dir):
     finally:
         demo.close()
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

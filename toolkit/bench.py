@@ -225,7 +225,8 @@ def bench_train(
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -281,7 +282,7 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
     if not images:
         raise ToolkitError("no example images to send")
     payloads = [(path.read_bytes(), path.stem.rsplit("-", 1)[-1]) for path in images]
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/gradio_api"
     local = threading.local()
 

@@ -39,6 +39,8 @@ class Scheduler(str, Enum):
 
 
 class Device(str, Enum):
+    """Where to compute: torch device for training, onnxruntime provider for serving."""
+
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
@@ -114,12 +116,6 @@ class ExportFormat(str, Enum):
     torchscript = "torchscript"
     all = "all"
     triton = "triton"
-
-
-class Provider(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 AtolOption = Annotated[float, typer.Option(help="Absolute logit tolerance for fp32 backends.")]
@@ -231,7 +227,7 @@ def _verify_and_report(
 ModelOption = Annotated[
     Path | None, typer.Option("--model", "-m", help="Export dir or .onnx file (default: newest under exports/).")
 ]
-ProviderOption = Annotated[Provider, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
+ProviderOption = Annotated[Device, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
 ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 IntegrityOption = Annotated[
     bool, typer.Option("--skip-integrity-check", help="Serve a model whose sha256 differs from its manifest.")
@@ -244,7 +240,7 @@ def predict(
     model: ModelOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
-    provider: ProviderOption = Provider.auto,
+    provider: ProviderOption = Device.auto,
     threads: ThreadsOption = None,
     skip_integrity_check: IntegrityOption = False,
 ) -> None:
@@ -280,7 +276,7 @@ def demo(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
-    provider: ProviderOption = Provider.auto,
+    provider: ProviderOption = Device.auto,
     threads: ThreadsOption = None,
     skip_integrity_check: IntegrityOption = False,
 ) -> None:
@@ -305,7 +301,7 @@ def evaluate(
     dataset: Annotated[str | None, typer.Option(help="Evaluate on another 28x28 10-class dataset.")] = None,
     data_dir: DataDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Report dir (default: reports/RUN_NAME).")] = None,
-    provider: ProviderOption = Provider.auto,
+    provider: ProviderOption = Device.auto,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion.png and mistakes.png for the test set."""
