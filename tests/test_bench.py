@@ -31,10 +31,12 @@ def test_bench_train_compares_with_the_notebook_loop(mnist_dir, tmp_path):
 
 def test_bench_serve_drives_concurrent_clients(export_dir, tmp_path):
     out = tmp_path / "serve.json"
-    result = run_cli("bench", "serve", export_dir, "--clients", "2", "--requests", "6", "--json", out)
+    result = run_cli("bench", "serve", export_dir, "--clients", "2", "--requests", "6", "--malformed-every", "3",
+                     "--json", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert data["requests"] == 6 and data["errors"] == 0
+    # Well-formed requests answered with their label, corrupt ones rejected readably: no errors.
+    assert data["requests"] == 6 and data["malformed_requests"] == 2 and data["errors"] == 0, data["error_examples"]
     assert data["p50_ms"] > 0 and data["server_side_p50_ms"] > 0
     assert data["server_rss_mb_before"] > 0
 

@@ -264,13 +264,17 @@ def demo_server(export_dir: Path, port: int, timeout: float = 120) -> Iterator[s
             process.kill()
 
 
+MALFORMED = b"\x89PNG\r\n\x1a\n this is not an image"
+
+
 def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16, requests: int = 400,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                malformed_every: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """N concurrent HTTP clients against a real demo server: latency, throughput, errors, memory.
 
     Clients speak Gradio's REST API (upload, call, read the result stream) with one keep-alive
     httpx connection each; gradio_client costs more CPU per call than the server does, which on
-    a small machine would measure the client instead of the server.
+    a small machine would measure the client instead of the server. With `malformed_every` N,
+    every Nth request sends a corrupt PNG, which must come back as a readable error.
     """
     import re
     import threading
@@ -289,7 +293,8 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
     def call(index: int) -> tuple[float, float | None, str | None]:
         if not hasattr(local, "http"):
             local.http = httpx.Client(timeout=120)
-        data, expected = payloads[index % len(payloads)]
+        malformed = malformed_every > 0 and index % malformed_every == malformed_every - 1
+        data, expected = (MALFORMED, None) if malformed else payloads[index % len(payloads)]
         started = time.perf_counter()
         try:
             upload = local.http.post(f"{api}/upload", files={"files": ("digit.png", data, "image/png")})
@@ -301,6 +306,9 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             return time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - started
+        if malformed:
+            handled = "event: error" in stream and '"error"' in stream  # a message the client can read
+            return elapsed, None, None if handled else f"malformed request not rejected: {stream[:200]!r}"
         if "event: complete" not in stream or f'"label": "{expected}"' not in stream:
             return elapsed, None, f"unexpected answer: {stream[:200]!r}"
         found = re.search(r"in ([\d.]+) ms", stream)
@@ -315,11 +323,12 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
             outcomes = list(executor.map(call, range(requests)))
         wall = time.perf_counter() - started
         memory_after = _rss_mb(server.pid)
-    latencies = [o[0] for o in outcomes if o[2] is None]
+    latencies = [o[0] for o in outcomes if o[2] is None and o[1] is not None]
     server_ms = [o[1] for o in outcomes if o[1] is not None]
     errors = [o[2] for o in outcomes if o[2] is not None]
     return {
-        "kind": "serve", "machine": machine(), "clients": clients, "requests": requests, "errors": len(errors),
+        "kind": "serve", "machine": machine(), "clients": clients, "requests": requests,
+        "malformed_requests": requests // malformed_every if malformed_every > 0 else 0, "errors": len(errors),
         "error_examples": errors[:5], "throughput_rps": requests / wall,
         "p50_ms": percentile_us(latencies, 50) / 1000 if latencies else None,
         "p95_ms": percentile_us(latencies, 95) / 1000 if latencies else None,

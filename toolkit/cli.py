@@ -456,6 +456,7 @@ def bench_serve_command(
     export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
     clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
+    malformed_every: Annotated[int, typer.Option(help="Send a corrupt image every N requests (0: never).")] = 0,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
     """Start the demo server and drive concurrent gradio_client callers at it."""
@@ -463,9 +464,10 @@ def bench_serve_command(
     from toolkit.bench import bench_serve
 
     result = bench_serve(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
-                         requests=requests, log=console.print)
+                         requests=requests, malformed_every=malformed_every, log=console.print)
     console.print(
-        f"{result['requests']} requests, {result['clients']} clients: {result['errors']} errors, "
+        f"{result['requests']} requests ({result['malformed_requests']} malformed), {result['clients']} clients: "
+        f"{result['errors']} errors, "
         f"{result['throughput_rps']:.1f} req/s, latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
         f"p99 {result['p99_ms']:.1f} ms; server-side p50 {result['server_side_p50_ms']:.2f} ms; "
         f"server memory {result['server_rss_mb_before']:.0f} -> {result['server_rss_mb_after']:.0f} MB"
