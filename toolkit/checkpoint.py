@@ -54,7 +54,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         detail = f" ({found.group(1)})" if found else ""
         raise ToolkitError(
             f"refusing to load {path}: it holds objects that are not plain weights{detail} "
