@@ -3,6 +3,7 @@
 import contextlib
 import io
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,27 @@ def test_unwritable_output_is_a_clear_error_without_partial_files(trained_run, t
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("error: cannot write") and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _limit_file_size():
+    # Python ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG, as a full disk fails with ENOSPC.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_export(export_dir, trained_run, tmp_path):
+    target = tmp_path / "exports" / "lenet"
+    shutil.copytree(export_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    for args in (["export", trained_run / "best.pt", "--format", "all", "--out", target, "--no-verify"],
+                 ["train", "lenet", "--limit-train", "200", "--epochs", "1", "--runs-dir", tmp_path / "runs"]):
+        result = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                                preexec_fn=_limit_file_size, timeout=300)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: cannot write") and "File too large" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]
+    assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob(".*.tmp"))
 
 
 pixel_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, bool])

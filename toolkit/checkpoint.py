@@ -6,6 +6,7 @@ Checkpoints are plain dicts of tensors and primitives, so they load with
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import zipfile
@@ -17,7 +18,7 @@ from torch import nn
 
 from toolkit import __version__
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_atomic
+from toolkit.fileio import write_bytes
 from toolkit.models import create_model
 
 FORMAT = "toolkit-checkpoint"
@@ -40,8 +41,9 @@ def library_versions(*packages: str) -> dict[str, str]:
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp file + rename): a killed run leaves no broken file."""
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
-    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from toolkit.checkpoint import build_deployable, library_versions, load_checkpoint, save_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_json
+from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
 
 FORMATS = ("onnx", "torchscript", "all", "triton")
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
@@ -113,16 +113,18 @@ def export_torchscript(model: torch.nn.Module, path: Path, metadata: dict[str, A
     Triton's PyTorch backend load, so it stays, with its deprecation warnings silenced."""
     with _quiet():
         traced = torch.jit.trace(model, _example_batch(), check_trace=True)
-        write_atomic(path, lambda tmp: torch.jit.save(
-            traced, str(tmp), _extra_files={"metadata.json": json.dumps(metadata)}))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
+    write_bytes(path, buffer.getvalue())
 
 
 def export_program(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
     """The forward-looking `torch.export` program (.pt2), dynamic in the batch axis."""
     with _quiet():
         program = torch.export.export(model, (_example_batch(),), dynamic_shapes=_batch_dim())
-        write_atomic(path, lambda tmp: torch.export.save(
-            program, str(tmp), extra_files={"metadata.json": json.dumps(metadata)}))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={"metadata.json": json.dumps(metadata)})
+    write_bytes(path, buffer.getvalue())
 
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:

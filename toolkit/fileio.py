@@ -45,6 +45,12 @@ def write_atomic(target: str | Path, writer: Callable[[Path], Any]) -> Path:
     return Path(target)
 
 
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    """Write bytes atomically. Serialize to memory first, then write here: C++ writers (torch.save,
+    torch.jit.save) report a full disk as an opaque RuntimeError, Python's write as an OSError."""
+    return write_atomic(target, lambda tmp: tmp.write_bytes(data))
+
+
 def write_json(target: str | Path, data: Any) -> Path:
     """Write `data` as pretty JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
