@@ -122,7 +122,8 @@ def launch(
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
     try:
         demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
-                    prevent_thread_lock=not block, show_error=True, quiet=not block)
+                    prevent_thread_lock=not block, show_error=True, quiet=not block,
+                    allowed_paths=[str(EXAMPLES_DIR)])  # the example digits, wherever the demo runs from
     except OSError as exc:
         raise ToolkitError(f"cannot serve on {host}:{port}: {exc}") from exc
     return demo
