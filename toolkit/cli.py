@@ -118,6 +118,7 @@ class ExportFormat(str, Enum):
     triton = "triton"
 
 
+RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]
 AtolOption = Annotated[float, typer.Option(help="Absolute logit tolerance for fp32 backends.")]
 RtolOption = Annotated[float, typer.Option(help="Relative logit tolerance for fp32 backends.")]
 AccDropOption = Annotated[
@@ -140,7 +141,7 @@ def export(
     rtol: RtolOption = 1e-4,
     max_acc_drop: AccDropOption = 0.3,
     data_dir: DataDirOption = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+    runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Export a checkpoint to ONNX / TorchScript / torch.export / Triton and prove parity.
 
@@ -302,7 +303,7 @@ def evaluate(
     data_dir: DataDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Report dir (default: reports/RUN_NAME).")] = None,
     provider: ProviderOption = Device.auto,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+    runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion.png and mistakes.png for the test set."""
     from rich.table import Table
@@ -330,7 +331,7 @@ def inspect_command(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default: reports/NAME).")] = None,
     data_dir: DataDirOption = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run.")] = Path("runs"),
+    runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Layer table, parameters, FLOPs, filters.png and feature_maps.png of a model."""
     from rich.table import Table
