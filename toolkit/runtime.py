@@ -57,8 +57,8 @@ def create_session(path: str | Path, provider: str = "auto", threads: int | None
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    wants_cuda = provider == "cuda" or (provider == "auto" and cuda_provider_usable())
-    if provider == "cuda" and not cuda_provider_usable():
+    wants_cuda = provider != "cpu" and cuda_provider_usable()
+    if provider == "cuda" and not wants_cuda:
         raise ToolkitError("--provider cuda was asked for but CUDA is not usable here; use --provider cpu")
     providers = [_ORT_NAMES["cuda"], _ORT_NAMES["cpu"]] if wants_cuda else [_ORT_NAMES["cpu"]]
     try:
