@@ -16,10 +16,10 @@ def convnet(num_classes: int = 10) -> nn.Module:
     fc 1024 there, 512 in the course notebook that ports it to PyTorch), without dropout.
     """
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 512), nn.ReLU(),
+        nn.Linear(64 * 7 * 7, 512), nn.ReLU(inplace=True),
         nn.Linear(512, num_classes),
     )
 
@@ -38,8 +38,8 @@ def cnn3x3(num_classes: int = 10) -> nn.Module:
     classifier = nn.Linear(64 * 7 * 7, num_classes)
     nn.init.xavier_uniform_(classifier.weight)
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Flatten(),
         classifier,
     )
@@ -56,10 +56,10 @@ def widecnn(num_classes: int = 10) -> nn.Module:
     large fully connected layer, to show what pooling saves (6.4M parameters).
     """
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
         nn.Flatten(),
-        nn.Linear(64 * 28 * 28, 128), nn.ReLU(),
+        nn.Linear(64 * 28 * 28, 128), nn.ReLU(inplace=True),
         nn.Linear(128, num_classes),
     )
 
@@ -92,8 +92,8 @@ def stridecnn(num_classes: int = 10) -> nn.Module:
     ("Striving for simplicity: the all convolutional net", Springenberg et al., 2014).
     """
     return nn.Sequential(
-        nn.Conv2d(1, 20, 3), nn.ReLU(),
-        nn.Conv2d(20, 20, 2, stride=2), nn.ReLU(),
+        nn.Conv2d(1, 20, 3), nn.ReLU(inplace=True),
+        nn.Conv2d(20, 20, 2, stride=2), nn.ReLU(inplace=True),
         nn.Flatten(),
         nn.Linear(20 * 13 * 13, num_classes),
     )

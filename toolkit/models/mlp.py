@@ -34,8 +34,8 @@ def fcnet(num_classes: int = 10) -> nn.Module:
     """
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(28 * 28, 1500), nn.ReLU(),
-        nn.Linear(1500, 1000), nn.ReLU(),
-        nn.Linear(1000, 500), nn.ReLU(),
+        nn.Linear(28 * 28, 1500), nn.ReLU(inplace=True),
+        nn.Linear(1500, 1000), nn.ReLU(inplace=True),
+        nn.Linear(1000, 500), nn.ReLU(inplace=True),
         nn.Linear(500, num_classes),
     )
