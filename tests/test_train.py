@@ -68,6 +68,12 @@ def test_augmented_training_runs_and_learns(tmp_path, mnist_dir):
     assert result.history[0]["test_acc"] > 0.5
 
 
+def test_recipe_decides_augmentation_unless_the_user_does():
+    assert make_config("cnn3x3").augment and not make_config("lenet").augment
+    assert not make_config("cnn3x3", augment=False).augment
+    assert make_config("lenet", augment=True).augment
+
+
 def test_torchrun_trains_with_two_cpu_processes(tmp_path, mnist_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -72,7 +72,10 @@ def train(
     optimizer: Annotated[Optimizer | None, typer.Option(help="(default: from the recipe)")] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
     scheduler: Annotated[Scheduler | None, typer.Option(help="(default: from the recipe)")] = None,
-    augment: Annotated[bool, typer.Option(help="Random affine + elastic distortion, batched.")] = False,
+    augment: Annotated[
+        bool | None, typer.Option("--augment/--no-augment", help="Random affine + elastic distortion, batched "
+                                  "(default: from the recipe).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, data order and augmentation.")] = 0,
     device: Annotated[Device, typer.Option(help="auto: CUDA when usable, else CPU.")] = Device.auto,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N images only.")] = None,

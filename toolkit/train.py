@@ -79,7 +79,7 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **ov
         arch=arch, dataset=dataset, epochs=chosen.epochs, batch_size=chosen.batch_size,
         lr=chosen.lr, optimizer=chosen.optimizer, momentum=chosen.momentum,
         weight_decay=chosen.weight_decay, scheduler=chosen.scheduler, mean=mean, std=std,
-        recipe=recipe,
+        augment=chosen.augment, recipe=recipe,
     )
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()

@@ -27,7 +27,8 @@ def convnet(num_classes: int = 10) -> nn.Module:
 @register_model(
     "cnn3x3",
     description="two 3x3 conv+pool stages (32, 64 channels), one Xavier-initialized fc",
-    default=Recipe("adamw", 3e-3, 128, 6, scheduler="onecycle", weight_decay=5e-4),
+    # Without a hidden layer this model overfits by epoch 6 (99.1%); distortions take it past 99.3%.
+    default=Recipe("adamw", 3e-3, 128, 8, scheduler="onecycle", weight_decay=5e-4, augment=True),
     notebook=Recipe("adam", 1e-3, 100, 20, normalization=UNIT),
 )
 def cnn3x3(num_classes: int = 10) -> nn.Module:

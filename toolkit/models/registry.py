@@ -16,7 +16,7 @@ class Recipe:
     """How to train a model: optimizer, schedule, batch size, epochs and input normalization.
 
     `normalization` is `(mean, std)` applied to pixels in [0, 1], or None for the dataset's own
-    constants.
+    constants; `augment` turns on batched random affine + elastic distortion.
     """
 
     optimizer: str
@@ -27,6 +27,7 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 0.0
     normalization: tuple[float, float] | None = None
+    augment: bool = False
 
 
 # The course notebooks scale raw bytes as x/256 - 0.5; on [0, 1] pixels that is (x - m) / s:
