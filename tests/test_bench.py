@@ -29,6 +29,19 @@ def test_bench_train_compares_with_the_notebook_loop(mnist_dir, tmp_path):
     assert data["speedup_images_per_s"] == data["toolkit"]["images_per_s"] / data["notebook"]["images_per_s"]
 
 
+def test_bench_classify_times_each_kind_of_request(export_dir, tmp_path):
+    out = tmp_path / "classify.json"
+    result = run_cli("bench", "classify", export_dir, "--repeats", "1", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert [row["input"] for row in data["rows"]] == [
+        "upload (PNG file)", "sketchpad 400x400 RGBA", "photo 1000x1000 RGB"]
+    for row in data["rows"]:
+        assert row["p99_ms"] >= row["p50_ms"] > 0 and row["requests"] == row["inputs"] == 10
+        # The synthetic canvases and photos are the example digits redrawn: most must be read right.
+        assert row["correct"] >= 8, row
+
+
 def test_bench_serve_drives_concurrent_clients(export_dir, tmp_path):
     out = tmp_path / "serve.json"
     result = run_cli("bench", "serve", export_dir, "--clients", "2", "--requests", "6", "--malformed-every", "3",

@@ -160,6 +160,62 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "machine": machine(), "rows": rows}
 
 
+def request_inputs(images: list[Path]) -> dict[str, list[Any]]:
+    """What a demo server receives, built from digit image files: the uploaded files themselves,
+    400x400 sketchpad canvases (black strokes on opaque white RGBA, off-centre) and 1000x1000
+    photos of the digit on gray paper.
+    """
+    from PIL import Image
+
+    from toolkit.preprocess import load_image
+
+    canvases, photos = [], []
+    for index, path in enumerate(images):
+        digit = load_image(path).convert("L")
+        if np.median(np.asarray(digit)) > 127:  # examples may be dark-on-light already
+            digit = Image.eval(digit, lambda v: 255 - v)
+        stroke = np.asarray(digit.resize((240, 240), Image.Resampling.BILINEAR))
+        canvas = np.full((400, 400, 4), 255, np.uint8)
+        top, left = 20 + 13 * index % 120, 30 + 29 * index % 120
+        canvas[top : top + 240, left : left + 240, :3] = 255 - stroke[..., None]
+        canvases.append(canvas)
+        photo = np.full((1000, 1000, 3), 225, np.uint8)
+        ink = np.asarray(digit.resize((360, 360), Image.Resampling.BILINEAR))[..., None]
+        photo[300:660, 250 + 20 * index % 300 :][:, :360] = (225 - ink * 0.8).astype(np.uint8)
+        photos.append(Image.fromarray(photo))
+    return {"upload (PNG file)": list(images), "sketchpad 400x400 RGBA": canvases, "photo 1000x1000 RGB": photos}
+
+
+def bench_classify(export_dir: str | Path, images: list[Path], *, repeats: int = 20,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Server-side time of one demo request (decode, preprocessing, inference) per kind of input."""
+    from toolkit.inference import classify
+    from toolkit.runtime import Predictor
+
+    if not images:
+        raise ToolkitError("no example images to send")
+    if repeats <= 0:
+        raise ToolkitError("--repeats must be positive")
+    predictor = Predictor(Path(export_dir), provider="cpu", threads=threads)
+    rows = []
+    for kind, inputs in request_inputs(images).items():
+        for item in inputs[:3]:  # warm-up
+            classify(predictor, item)
+        times = []
+        for _ in range(repeats):
+            for item in inputs:
+                started = time.perf_counter()
+                classify(predictor, item)
+                times.append(time.perf_counter() - started)
+        labels = [classify(predictor, item).label for item in inputs]
+        expected = [path.stem.rsplit("-", 1)[-1] for path in images]
+        rows.append({"input": kind, "requests": len(times), "p50_ms": percentile_us(times, 50) / 1000,
+                     "p99_ms": percentile_us(times, 99) / 1000,
+                     "correct": sum(a == b for a, b in zip(labels, expected, strict=True)), "inputs": len(inputs)})
+    return {"kind": "classify", "export_dir": str(export_dir), "provider": predictor.provider,
+            "threads": threads, "machine": machine(), "rows": rows}
+
+
 def _notebook_loop_images_per_s(data_dir: Path, batches: int) -> tuple[float, float]:
     """The classic course loop: torchvision MNIST, ToTensor+Normalize, DataLoader batch 64, SGD."""
     import torchvision

@@ -389,7 +389,7 @@ def compare_command(
 
 BENCH_DIR = Path("reports")
 JsonOption = Annotated[Path, typer.Option("--json", help="Where to write the results as JSON.")]
-bench_app = typer.Typer(help="Benchmarks: inference backends, the training loop, the demo server.",
+bench_app = typer.Typer(help="Benchmarks: inference backends, the training loop, request handling, the demo server.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -452,6 +452,34 @@ def bench_train_command(
     console.print(f"toolkit loop:  {tk['images_per_s']:,.0f} images/s ({tk['seconds_per_epoch']:.1f} s/epoch), "
                   f"best {tk['best_test_acc']:.2%}, {target:.0%} reached in {to_target}")
     console.print(f"speed-up: {result['speedup_images_per_s']:.2f}x images/s")
+    _write_bench_json(json_path, result)
+
+
+@bench_app.command("classify")
+def bench_classify_command(
+    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    repeats: Annotated[int, typer.Option(help="Passes over the inputs of each kind.")] = 20,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads (default: cores).")] = None,
+    json_path: JsonOption = BENCH_DIR / "bench-classify.json",
+) -> None:
+    """Server-side time of one demo request (preprocessing + inference) for uploads, sketchpad
+    canvases and large photos, in this process: what the demo reports as latency.
+    """
+    from rich.table import Table
+
+    from toolkit.app import EXAMPLES_DIR
+    from toolkit.bench import bench_classify
+
+    with console.status("benchmarking..."):
+        result = bench_classify(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")),
+                                repeats=repeats, threads=threads)
+    table = Table(title=f"server-side time per request on {result['machine']['cpu']} ({result['provider']})")
+    for column in ("input", "requests", "p50 ms", "p99 ms", "labelled right"):
+        table.add_column(column, justify="left" if column == "input" else "right")
+    for r in result["rows"]:
+        table.add_row(r["input"], str(r["requests"]), f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['correct']}/{r['inputs']}")
+    console.print(table)
     _write_bench_json(json_path, result)
 
 
