@@ -281,7 +281,8 @@ def demo(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
     provider: ProviderOption = Device.auto,
-    threads: ThreadsOption = None,
+    threads: Annotated[int, typer.Option(
+        help="onnxruntime intra-op threads per request; concurrent requests already run in parallel.")] = 1,
     skip_integrity_check: IntegrityOption = False,
 ) -> None:
     """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction."""
