@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import REPO
 from toolkit.app import launch
-from toolkit.bench import free_port
+from toolkit.bench import example_label, free_port
 
 EXAMPLES = sorted((REPO / "demo" / "examples").glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts"
@@ -39,7 +39,7 @@ def _label(result):
 def test_api_labels_mnist_test_digits(client):
     assert len(EXAMPLES) == 10
     for path in EXAMPLES:
-        expected = path.stem.rsplit("-", 1)[-1]
+        expected = example_label(path)
         result = client.predict(handle_file(str(path)), api_name="/predict")
         assert _label(result) == expected, path.name
         assert len(result[0]["confidences"]) == 3

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
+from toolkit.bench import example_label
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +81,4 @@ def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
     result = run_cli("predict", bad / "not-an-image.png", good, "--model", export_dir, "--json")
     assert result.returncode == 0
     rows = json.loads(result.stdout)
-    assert "error" in rows[0] and rows[1]["label"] == good.stem.rsplit("-", 1)[-1]
+    assert "error" in rows[0] and rows[1]["label"] == example_label(good)

@@ -160,6 +160,11 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "machine": machine(), "rows": rows}
 
 
+def example_label(path: Path) -> str:
+    """The label an example digit's file name ends with: `mnist-test-0000-label-7.png` -> '7'."""
+    return path.stem.rsplit("-", 1)[-1]
+
+
 def request_inputs(images: list[Path]) -> dict[str, list[Any]]:
     """What a demo server receives, built from digit image files: the uploaded files themselves,
     400x400 sketchpad canvases (black strokes on opaque white RGBA, off-centre) and 1000x1000
@@ -197,21 +202,19 @@ def bench_classify(export_dir: str | Path, images: list[Path], *, repeats: int =
     if repeats <= 0:
         raise ToolkitError("--repeats must be positive")
     predictor = Predictor(Path(export_dir), provider="cpu", threads=threads)
+    expected = [example_label(path) for path in images]
     rows = []
     for kind, inputs in request_inputs(images).items():
-        for item in inputs[:3]:  # warm-up
-            classify(predictor, item)
+        labels = [classify(predictor, item).label for item in inputs]  # the warm-up pass, answers checked
         times = []
         for _ in range(repeats):
             for item in inputs:
                 started = time.perf_counter()
                 classify(predictor, item)
                 times.append(time.perf_counter() - started)
-        labels = [classify(predictor, item).label for item in inputs]
-        expected = [path.stem.rsplit("-", 1)[-1] for path in images]
+        correct = sum(a == b for a, b in zip(labels, expected, strict=True))
         rows.append({"input": kind, "requests": len(times), "p50_ms": percentile_us(times, 50) / 1000,
-                     "p99_ms": percentile_us(times, 99) / 1000,
-                     "correct": sum(a == b for a, b in zip(labels, expected, strict=True)), "inputs": len(inputs)})
+                     "p99_ms": percentile_us(times, 99) / 1000, "correct": correct, "inputs": len(inputs)})
     return {"kind": "classify", "export_dir": str(export_dir), "provider": predictor.provider,
             "threads": threads, "machine": machine(), "rows": rows}
 
@@ -341,7 +344,7 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         raise ToolkitError("--clients and --requests must be positive")
     if not images:
         raise ToolkitError("no example images to send")
-    payloads = [(path.read_bytes(), path.stem.rsplit("-", 1)[-1]) for path in images]
+    payloads = [(path.read_bytes(), example_label(path)) for path in images]
     port = free_port()
     api = f"http://127.0.0.1:{port}/gradio_api"
     local = threading.local()

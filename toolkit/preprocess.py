@@ -146,11 +146,8 @@ def _gray_levels(picture: Image.Image) -> Image.Image:
         return picture
     if picture.mode != "RGBA":
         return picture.convert("L")
-    width, height = picture.size
-    strips = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
-    border_alpha = np.concatenate([np.asarray(picture.crop(box))[..., 3].ravel() for box in strips])
     alpha = picture.getchannel("A")
-    if np.median(border_alpha) < 128:  # strokes on a transparent canvas
+    if _border_median(np.asarray(alpha)) < 128:  # strokes on a transparent canvas
         return alpha
     gray = picture.convert("L")
     if alpha.getextrema()[0] < 255:  # semi-transparent pixels over white paper: darkness scales with opacity
