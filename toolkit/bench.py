@@ -192,7 +192,7 @@ def request_inputs(images: list[Path]) -> dict[str, list[Any]]:
 
 
 def bench_classify(export_dir: str | Path, images: list[Path], *, repeats: int = 20,
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int = 1) -> dict[str, Any]:
     """Server-side time of one demo request (decode, preprocessing, inference) per kind of input."""
     from toolkit.inference import classify
     from toolkit.runtime import Predictor

@@ -122,6 +122,7 @@ class ExportFormat(str, Enum):
 
 
 RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]
+ExportDirArgument = Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")]
 AtolOption = Annotated[float, typer.Option(help="Absolute logit tolerance for fp32 backends.")]
 RtolOption = Annotated[float, typer.Option(help="Relative logit tolerance for fp32 backends.")]
 AccDropOption = Annotated[
@@ -181,7 +182,7 @@ def export(
 
 @app.command("verify")
 def verify_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    export_dir: ExportDirArgument = None,
     atol: AtolOption = 1e-5,
     rtol: RtolOption = 1e-4,
     max_acc_drop: AccDropOption = 0.3,
@@ -276,7 +277,7 @@ def predict(
 
 @app.command()
 def demo(
-    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    export_dir: ExportDirArgument = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
@@ -404,7 +405,7 @@ def _write_bench_json(path: Path, data: dict) -> None:
 
 @bench_app.command("infer")
 def bench_infer_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    export_dir: ExportDirArgument = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32,256,1024",
     threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime (default: cores).")] = None,
     seconds: Annotated[float, typer.Option(help="Minimum measuring time per backend and batch size.")] = 0.5,
@@ -458,9 +459,9 @@ def bench_train_command(
 
 @bench_app.command("classify")
 def bench_classify_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    export_dir: ExportDirArgument = None,
     repeats: Annotated[int, typer.Option(help="Passes over the inputs of each kind.")] = 20,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads (default: cores).")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads per request, as in `toolkit demo`.")] = 1,
     json_path: JsonOption = BENCH_DIR / "bench-classify.json",
 ) -> None:
     """Server-side time of one demo request (preprocessing + inference) for uploads, sketchpad
@@ -486,7 +487,7 @@ def bench_classify_command(
 
 @bench_app.command("serve")
 def bench_serve_command(
-    export_dir: Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")] = None,
+    export_dir: ExportDirArgument = None,
     clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
     malformed_every: Annotated[int, typer.Option(help="Send a corrupt image every N requests (0: never).")] = 0,
