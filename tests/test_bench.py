@@ -7,9 +7,11 @@ from tests.conftest import run_cli
 
 def test_bench_infer_writes_rows_for_every_backend(export_dir, tmp_path):
     out = tmp_path / "infer.json"
-    result = run_cli("bench", "infer", export_dir, "--batch-sizes", "1,3", "--seconds", "0.01", "--json", out)
+    result = run_cli("bench", "infer", export_dir, "--batch-sizes", "1,3", "--seconds", "0.01", "--rounds", "2",
+                     "--json", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
+    assert data["rounds"] == 2 and all(row["runs"] >= 2 * 3 for row in data["rows"])
     backends = {row["backend"] for row in data["rows"]}
     assert {"pytorch-eager", "torchscript", "torch-export", "onnxruntime-cpu", "onnxruntime-cpu-int8"} <= backends
     for row in data["rows"]:

@@ -60,6 +60,7 @@ CASES = [
     ("compare mlp nope", "unknown model 'nope'", 1),
     ("bench infer {bad}/empty-dir", "is not an export dir", 1),
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
+    ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),
     ("bench serve {export} --clients 0", "--clients and --requests must be positive", 1),
     ("frobnicate", "No such command 'frobnicate'", 2),
 ]

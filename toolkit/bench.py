@@ -7,6 +7,7 @@ noise cancels. None of this is a test: tests only check the commands run and wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import socket
@@ -28,6 +29,7 @@ from toolkit.errors import ToolkitError
 
 Runner = Callable[[], Any]
 Loader = Callable[[], Callable[[np.ndarray], Runner]]  # builds a backend: batch -> one-batch runner
+SETTLE_SECONDS = 0.03
 
 
 def machine() -> dict[str, Any]:
@@ -44,10 +46,14 @@ def machine() -> dict[str, Any]:
 
 
 def time_runner(run: Runner, *, min_seconds: float = 0.5, min_repeats: int = 20, warmup: int = 10,
-                sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall times of `run` in seconds, after warm-up, for at least `min_seconds` and `min_repeats`."""
-    for _ in range(warmup):
+                settle_seconds: float = 0.0, sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall times of `run` in seconds, after `warmup` runs (and at least `settle_seconds` of them),
+    for at least `min_seconds` and `min_repeats`."""
+    started = time.perf_counter()
+    warmed = 0
+    while warmed < warmup or time.perf_counter() - started < settle_seconds:
         run()
+        warmed += 1
     if sync:
         sync()
     times: list[float] = []
@@ -70,14 +76,16 @@ def percentile_us(times: list[float], q: float) -> float:
 def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
     """name -> loader; a loader builds the backend and returns factory(batch) -> one-batch runner.
 
-    Backends are built one at a time and dropped after measuring, so an idle onnxruntime thread
-    pool never competes with the backend being timed.
+    Torch modules are loaded once; onnxruntime sessions are built anew on each call, because an
+    idle session's worker threads keep waking up and steal cores from the backend being timed.
     """
     from toolkit.runtime import create_session, cuda_provider_usable
 
     torch.set_num_threads(threads)
 
     def torch_backend(load: Callable[[], Any], device: str = "cpu") -> Loader:
+        load = functools.cache(load)
+
         def loader() -> Callable[[np.ndarray], Runner]:
             module = load()
             def make(batch: np.ndarray) -> Runner:
@@ -131,33 +139,50 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
 
 
 def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int | None = None,
-                min_seconds: float = 0.5, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Latency p50/p99 and throughput for every backend and batch size, with speed-up over eager."""
+                min_seconds: float = 0.5, rounds: int = 5,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Latency p50/p99 and throughput for every backend and batch size, with speed-up over eager.
+
+    Backends take turns in `rounds` short slices, in a rotating order, so a machine that speeds
+    up or slows down mid-run affects every backend alike; the speed-up over eager is the median
+    of the per-round ratios.
+    """
     export_dir = Path(export_dir)
     if not (export_dir / "model.pt").is_file():
         raise ToolkitError(f"{export_dir} is not an export dir (no model.pt); run `toolkit export` first")
     if not batch_sizes or any(b <= 0 for b in batch_sizes):
         raise ToolkitError(f"batch sizes must be positive, got {batch_sizes}")
+    if rounds < 1:
+        raise ToolkitError(f"rounds must be at least 1, got {rounds}")
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}
-    rows = []
-    for name, loader in _inference_backends(export_dir, threads).items():
-        make = loader()
-        sync = torch.cuda.synchronize if name == "pytorch-cuda" else None
-        for size, batch in batches.items():
+    loaders = _inference_backends(export_dir, threads)
+    names = list(loaders)
+    times: dict[tuple[str, int], list[float]] = {(name, size): [] for name in names for size in batch_sizes}
+    round_p50: dict[tuple[str, int], list[float]] = {key: [] for key in times}
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
             if progress:
-                progress(f"{name} batch {size}")
-            times = time_runner(make(batch), min_seconds=min_seconds, sync=sync)
-            p50 = percentile_us(times, 50)
-            rows.append({"backend": name, "batch_size": size, "p50_us": p50, "p99_us": percentile_us(times, 99),
-                         "images_per_s": size / (p50 / 1e6), "runs": len(times)})
-        del make
-    eager = {r["batch_size"]: r["p50_us"] for r in rows if r["backend"] == "pytorch-eager"}
-    for row in rows:
-        row["speedup_vs_eager"] = eager[row["batch_size"]] / row["p50_us"]
-    rows.sort(key=lambda r: r["batch_size"])
-    return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "machine": machine(), "rows": rows}
+                progress(f"{name}, round {index + 1}/{rounds}")
+            make = loaders[name]()
+            sync = torch.cuda.synchronize if name == "pytorch-cuda" else None
+            for size, batch in batches.items():
+                measured = time_runner(make(batch), min_seconds=min_seconds / rounds, min_repeats=max(3, 20 // rounds),
+                                       warmup=3, settle_seconds=SETTLE_SECONDS, sync=sync)
+                times[name, size] += measured
+                round_p50[name, size].append(statistics.median(measured))
+            del make
+    rows = []
+    for size in batch_sizes:
+        for name in names:
+            p50 = percentile_us(times[name, size], 50)
+            ratios = [e / t for e, t in zip(round_p50["pytorch-eager", size], round_p50[name, size], strict=True)]
+            rows.append({"backend": name, "batch_size": size, "p50_us": p50,
+                         "p99_us": percentile_us(times[name, size], 99), "images_per_s": size / (p50 / 1e6),
+                         "speedup_vs_eager": statistics.median(ratios), "runs": len(times[name, size])})
+    return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "rounds": rounds,
+            "machine": machine(), "rows": rows}
 
 
 def example_label(path: Path) -> str:

@@ -409,6 +409,7 @@ def bench_infer_command(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32,256,1024",
     threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime (default: cores).")] = None,
     seconds: Annotated[float, typer.Option(help="Minimum measuring time per backend and batch size.")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Backends take turns in this many slices, so drift hits all alike.")] = 5,
     json_path: JsonOption = BENCH_DIR / "bench-infer.json",
 ) -> None:
     """Latency p50/p99 and images/s per backend and batch size, with speed-up over PyTorch eager."""
@@ -422,7 +423,7 @@ def bench_infer_command(
         raise ToolkitError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
     export_dir = export_dir or newest_export_dir()
     with console.status("benchmarking...") as status:
-        result = bench_infer(export_dir, sizes, threads=threads, min_seconds=seconds,
+        result = bench_infer(export_dir, sizes, threads=threads, min_seconds=seconds, rounds=rounds,
                              progress=lambda what: status.update(f"benchmarking {what}..."))
     table = Table(title=f"inference on {result['machine']['cpu']}, {result['threads']} threads")
     for column in ("backend", "batch", "p50 µs", "p99 µs", "images/s", "vs eager"):
