@@ -23,10 +23,11 @@ def test_bench_infer_writes_rows_for_every_backend(export_dir, tmp_path):
 
 def test_bench_train_compares_with_the_notebook_loop(mnist_dir, tmp_path):
     out = tmp_path / "train.json"
-    result = run_cli("bench", "train", "lenet", "--data-dir", mnist_dir, "--notebook-batches", "5",
+    result = run_cli("bench", "train", "mlp", "--data-dir", mnist_dir, "--notebook-batches", "5",
                      "--limit-train", "1000", "--json", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
+    assert data["arch"] == data["notebook"]["arch"] == "mlp"
     assert data["toolkit"]["images_per_s"] > 0 and data["notebook"]["images_per_s"] > 0
     assert data["speedup_images_per_s"] == data["toolkit"]["images_per_s"] / data["notebook"]["images_per_s"]
 

@@ -244,8 +244,8 @@ def bench_classify(export_dir: str | Path, images: list[Path], *, repeats: int =
             "threads": threads, "machine": machine(), "rows": rows}
 
 
-def _notebook_loop_images_per_s(data_dir: Path, batches: int) -> tuple[float, float]:
-    """The classic course loop: torchvision MNIST, ToTensor+Normalize, DataLoader batch 64, SGD."""
+def _notebook_loop_images_per_s(data_dir: Path, arch: str, batches: int) -> tuple[float, float]:
+    """The classic course loop for `arch`: torchvision MNIST, ToTensor+Normalize, DataLoader batch 64, SGD."""
     import torchvision
     from torchvision import transforms
 
@@ -258,7 +258,7 @@ def _notebook_loop_images_per_s(data_dir: Path, batches: int) -> tuple[float, fl
         raise ToolkitError(f"the notebook loop needs MNIST in torchvision's layout under {data_dir}: {exc}") from exc
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
     torch.manual_seed(0)
-    model = create_model("lenet")
+    model = create_model(arch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     seen, started = 0, time.perf_counter()
     for index, (x, y) in enumerate(loader):
@@ -283,7 +283,7 @@ def bench_train(
 
     root = resolve_data_dir(data_dir)
     log("notebook loop (DataLoader + transforms, batch 64, SGD)...")
-    notebook_ips, notebook_seconds = _notebook_loop_images_per_s(root, notebook_batches)
+    notebook_ips, notebook_seconds = _notebook_loop_images_per_s(root, arch, notebook_batches)
     config = make_config(arch, limit_train=limit_train)
     log(f"toolkit loop ({arch} default recipe: {config.optimizer}, batch {config.batch_size}, "
         f"{config.epochs} epochs)...")
@@ -303,7 +303,7 @@ def bench_train(
                     "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
                     "best_test_acc": result.best_test_acc, "target_acc": target,
                     "seconds_to_target": to_target, "train_seconds": result.train_seconds},
-        "notebook": {"images_per_s": notebook_ips, "seconds_per_epoch": 60_000 / notebook_ips,
+        "notebook": {"arch": arch, "images_per_s": notebook_ips, "seconds_per_epoch": 60_000 / notebook_ips,
                      "measured_batches": notebook_batches, "measured_seconds": notebook_seconds},
         "speedup_images_per_s": toolkit_ips / notebook_ips,
     }
