@@ -29,6 +29,12 @@ def test_fashion_mnist_from_a_plain_folder_of_gzipped_idx_files():
     assert test.labels.bincount().tolist() == [1000] * 10
 
 
+@pytest.mark.skipif(not FASHION_DIR.exists(), reason="Debian package dataset-fashion-mnist")
+def test_a_debian_dataset_package_is_found_without_a_data_dir(tmp_path):
+    test = load_split("fashion-mnist", tmp_path / "empty", train=False, download=False)
+    assert test.images.shape == (10_000, 28, 28)
+
+
 def test_missing_data_offline_names_the_folder_and_the_fix(tmp_path):
     with pytest.raises(ToolkitError, match=f"{tmp_path}.*--data-dir"):
         load_split("mnist", tmp_path, train=False, download=False)

@@ -20,6 +20,8 @@ from toolkit.errors import ToolkitError
 DATA_DIR_ENV = "TOOLKIT_DATA_DIR"
 OFFLINE_ENV = "TOOLKIT_OFFLINE"
 DIGITS = tuple(str(d) for d in range(10))
+# Where Debian's dataset packages install, e.g. dataset-fashion-mnist: /usr/share/datasets/fashion-mnist.
+SYSTEM_DATA_DIRS = (Path("/usr/share/datasets"),)
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,9 @@ def _find_file(roots: list[Path], name: str) -> Path | None:
 
 
 def _search_roots(spec: DatasetSpec, data_dir: Path) -> list[Path]:
-    # torchvision's layout, or a plain folder of IDX files (e.g. Debian's dataset packages).
-    return [data_dir / spec.folder / "raw", data_dir / "raw", data_dir]
+    # torchvision's layout, or a plain folder of IDX files; then a system-wide copy, if any.
+    return [data_dir / spec.folder / "raw", data_dir / "raw", data_dir,
+            *(system / spec.name for system in SYSTEM_DATA_DIRS)]
 
 
 def _download(spec: DatasetSpec, data_dir: Path) -> None:
@@ -171,14 +174,16 @@ def load_split(
             f"point --data-dir or ${DATA_DIR_ENV} at a folder holding {image_name} and "
             f"{label_name} (torchvision layout {spec.folder}/raw/ or a plain folder of IDX files)"
         )
+        searched = " or ".join(str(where) for where in (root.resolve(), *roots[3:]))
         if offline:
-            raise ToolkitError(f"{spec.name} not found under {root.resolve()}; {hint}")
+            raise ToolkitError(f"{spec.name} not found under {searched}; {hint}")
         try:
             _download(spec, root)
         except Exception as exc:
+            reason = " ".join(str(exc).split())  # torchvision's messages span several lines
             raise ToolkitError(
-                f"{spec.name} not found under {root.resolve()} and the download failed "
-                f"({type(exc).__name__}: {exc}); {hint}"
+                f"{spec.name} not found under {searched} and the download failed "
+                f"({type(exc).__name__}: {reason}); {hint}"
             ) from exc
         return load_split(name, root, train=train, download=False)
     images = read_idx(image_path, 3)
