@@ -54,6 +54,7 @@ def test_metadata_round_trips_through_every_format(export_dir):
     assert props["arch"] == "lenet" and props["dataset"] == "mnist"
     assert props["class_names"] == [str(d) for d in range(10)]
     assert props["normalization_baked_in"] == checkpoint["normalization"]
+    assert props["framing"] == checkpoint["framing"] == {"box": 20, "centre": "mass"}  # measured on MNIST
     assert {"toolkit", "torch", "onnx"} <= set(props["versions"])
     assert props["test_accuracy"] == checkpoint["metrics"]["test_acc"]
     extra = {"metadata.json": ""}

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FASHION_DIR
 from toolkit.data import load_split
+from toolkit.errors import ToolkitError
 from toolkit.inference import classify
-from toolkit.preprocess import ImageReadError, load_image, preprocess
+from toolkit.preprocess import Framing, ImageReadError, load_image, measure_framing, preprocess
 from toolkit.runtime import Predictor
 
 
@@ -143,3 +145,30 @@ def test_truncated_png_and_decompression_bomb(tmp_path):
     Image.new("1", (12_000, 12_000), 1).save(bomb, format="PNG")  # a few KB on disk
     with pytest.raises(ImageReadError, match="too large"):
         load_image(bomb.getvalue())
+
+
+def test_framing_is_measured_from_the_training_images(mnist_dir):
+    assert measure_framing(load_split("mnist", mnist_dir, train=True).images.numpy()) == Framing(20, "mass")
+    if FASHION_DIR.exists():
+        fashion = load_split("fashion-mnist", FASHION_DIR, train=True).images.numpy()
+        assert measure_framing(fashion) == Framing(28, "box")
+    assert measure_framing(np.zeros((3, 28, 28), np.uint8)) == Framing(20, "mass")  # nothing to measure
+
+
+@pytest.mark.skipif(not FASHION_DIR.exists(), reason="Debian package dataset-fashion-mnist")
+def test_photos_of_fashion_items_come_back_framed_like_fashion_mnist():
+    items = load_split("fashion-mnist", FASHION_DIR, train=False).images[:200].numpy()
+    # Photos: each item dark on white paper, 8x larger.
+    photos = [Image.fromarray(255 - item).resize((224, 224), Image.Resampling.BICUBIC) for item in items]
+    framed = np.stack([preprocess(photo, Framing(28, "box")) for photo in photos])
+    as_digits = np.stack([preprocess(photo) for photo in photos])  # MNIST's framing: 20 px, centre of mass
+    # What is left is resampling of the fabric texture; the MNIST framing shrinks and shifts every item.
+    assert np.abs(framed - items / 255).mean() < 0.07
+    assert np.abs(as_digits - items / 255).mean() > 2 * np.abs(framed - items / 255).mean()
+
+
+def test_a_broken_framing_is_a_clear_error():
+    for broken in ({"box": 40, "centre": "mass"}, {"box": 20, "centre": "top"}, {"size": 20}):
+        with pytest.raises(ToolkitError, match="framing"):
+            Framing.from_dict(broken)
+    assert Framing.from_dict(None) == Framing(20, "mass")  # exports made before framing was recorded

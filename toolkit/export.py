@@ -25,6 +25,7 @@ import torch
 from toolkit.checkpoint import build_deployable, library_versions, load_checkpoint, save_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
+from toolkit.preprocess import Framing
 
 FORMATS = ("onnx", "torchscript", "all", "triton")
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
@@ -73,6 +74,7 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[s
         "outputs": {"logits": ["N", len(checkpoint["class_names"])],
                     "probabilities": ["N", len(checkpoint["class_names"])]},
         "normalization_baked_in": dict(checkpoint["normalization"]),
+        "framing": Framing.from_dict(checkpoint.get("framing")).to_dict(),
         "source_checkpoint_sha256": checkpoint_sha256,
         "test_accuracy": metrics.get("test_acc"),
         "epoch": checkpoint.get("epoch"),

@@ -32,7 +32,7 @@ class Classification:
 def classify(predictor: Predictor, image: Any, top_k: int = 3) -> Classification:
     """Preprocess any drawing or image and rank the classes; raises ToolkitError if unreadable."""
     started = time.perf_counter()
-    digit = preprocess(image)
+    digit = preprocess(image, predictor.framing)
     if digit is None:
         return Classification(None, None, [], None, 1000 * (time.perf_counter() - started))
     prediction = predictor.predict(digit)

@@ -1,10 +1,11 @@
-"""From any drawing or image to an MNIST-like digit.
+"""From any drawing or image to a 28x28 input framed the way the training data was.
 
 The MNIST authors size-normalized each digit to fit a 20x20 box preserving its aspect ratio,
-anti-aliased, and centred it by its centre of mass in a 28x28 field, white ink on black.
-Sketchpad demos that feed a raw canvas to the model skip all of that and guess wrong; this
-module does the same steps to every input: a Gradio sketchpad value, a PIL image, a numpy
-array or an image file.
+anti-aliased, and centred it by its centre of mass in a 28x28 field, white ink on black;
+Fashion-MNIST scales each item's longer side to 28 and centres its bounding box. Sketchpad
+demos that feed a raw canvas to the model skip all of that and guess wrong; this module does
+the same steps to every input (a Gradio sketchpad value, a PIL image, a numpy array or an
+image file), with the `Framing` measured on the model's training set.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,6 @@ from PIL import Image, ImageChops, ImageSequence, UnidentifiedImageError
 
 from toolkit.errors import ToolkitError
 
-DIGIT_BOX = 20  # longer side of the digit inside the frame
 FRAME = 28
 MAX_WORKING_SIDE = 1024  # larger inputs are downscaled first: bounded memory and time
 COARSE_SIDE = 128  # the ink is first located on a copy about this size
@@ -33,6 +34,56 @@ MIN_INK_PIXELS = 4
 
 class ImageReadError(ToolkitError):
     """The input cannot be read as an image."""
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a dataset frames its subjects: the longer side in pixels, and what sits at the centre
+    (`mass`: the centre of mass, as MNIST; `box`: the bounding box, as Fashion-MNIST)."""
+
+    box: int = 20
+    centre: str = "mass"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.box <= FRAME or self.centre not in ("mass", "box"):
+            raise ToolkitError(f"invalid framing {self}: box must be 1..{FRAME}, centre 'mass' or 'box'")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Framing:
+        """From checkpoint or model metadata; MNIST's framing when absent (older exports)."""
+        if not values:
+            return MNIST_FRAMING
+        try:
+            return cls(**values)
+        except TypeError:
+            raise ToolkitError(f"invalid framing {values!r}: expected {{'box': int, 'centre': str}}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MNIST_FRAMING = Framing(20, "mass")
+
+
+def measure_framing(images: np.ndarray, sample: int = 10_000) -> Framing:
+    """The framing of a set of uint8 [N, 28, 28] images: median longer side of the nonzero
+    pixels' box, and whichever of centre of mass or box centre sits closer to the frame centre."""
+    if len(images) > sample:
+        images = images[np.linspace(0, len(images) - 1, sample).astype(int)]
+    images = images[images.any((1, 2))].astype(np.float32)
+    if not len(images):
+        return MNIST_FRAMING
+    rows, cols = images.any(2), images.any(1)
+    first_row, last_row = rows.argmax(1), FRAME - 1 - rows[:, ::-1].argmax(1)
+    first_col, last_col = cols.argmax(1), FRAME - 1 - cols[:, ::-1].argmax(1)
+    longest = np.maximum(last_row - first_row, last_col - first_col) + 1
+    middle = (FRAME - 1) / 2
+    mass = images.sum((1, 2))
+    index = np.arange(FRAME)
+    mass_offset = np.hypot(images.sum(2) @ index / mass - middle, images.sum(1) @ index / mass - middle)
+    box_offset = np.hypot((first_row + last_row) / 2 - middle, (first_col + last_col) / 2 - middle)
+    centre = "mass" if np.median(mass_offset) <= np.median(box_offset) else "box"
+    return Framing(int(np.median(longest)), centre)
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
@@ -176,8 +227,9 @@ def _ink_box(ink: np.ndarray) -> tuple[slice, slice] | None:
     return None if not len(rows) else (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
 
 
-def preprocess(image: Any) -> np.ndarray | None:
-    """An MNIST-like float32 [28, 28] digit in [0, 1], or None when there is nothing to classify.
+def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | None:
+    """A float32 [28, 28] input in [0, 1] framed as `framing` says (MNIST's by default), or None
+    when there is nothing to classify.
 
     Raises ImageReadError (a ToolkitError) for input that is not an image.
     """
@@ -198,22 +250,26 @@ def preprocess(image: Any) -> np.ndarray | None:
         return None
     # Crop at full resolution; the box includes the anti-aliased fringe, as MNIST's 20x20 box does.
     crop = Image.fromarray(ink[_ink_box(ink)])
-    scale = DIGIT_BOX / max(crop.size)
+    scale = framing.box / max(crop.size)
     size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
     # Area-average big crops to about 4x the target first (cheap, and it keeps thin strokes),
     # then Lanczos: anti-aliased like MNIST's digits.
     digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS, reducing_gap=4.0), dtype=np.float32)
     digit /= max(float(digit.max()), 1.0)  # MNIST strokes are saturated
-    return _centre_by_mass(digit)
+    return _place(digit, framing.centre)
 
 
-def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
+def _place(digit: np.ndarray, centre: str) -> np.ndarray:
+    """`digit` in a 28x28 frame, its centre of mass or its box centre at the frame's centre."""
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    total = digit.sum()
-    ys, xs = np.indices(digit.shape)
-    com_y, com_x = (ys * digit).sum() / total, (xs * digit).sum() / total
-    top = round(float(FRAME / 2 - com_y - 0.5))
-    left = round(float(FRAME / 2 - com_x - 0.5))
+    if centre == "mass":
+        total = digit.sum()
+        ys, xs = np.indices(digit.shape)
+        middle_y, middle_x = (ys * digit).sum() / total, (xs * digit).sum() / total
+    else:
+        middle_y, middle_x = (digit.shape[0] - 1) / 2, (digit.shape[1] - 1) / 2
+    top = round(float(FRAME / 2 - middle_y - 0.5))
+    left = round(float(FRAME / 2 - middle_x - 0.5))
     # Clip so a lopsided digit still fits entirely in the frame.
     top = min(max(top, 0), FRAME - digit.shape[0])
     left = min(max(left, 0), FRAME - digit.shape[1])

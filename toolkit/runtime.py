@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.preprocess import Framing
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -154,6 +155,10 @@ class Predictor:
         self.class_names: list[str] = list(
             self.metadata.get("class_names") or [str(i) for i in range(10)]
         )
+        try:
+            self.framing = Framing.from_dict(self.metadata.get("framing"))
+        except ToolkitError as exc:
+            raise ToolkitError(f"{self.path} has unreadable framing metadata: {exc}") from None
 
     def _read_manifest(self) -> dict[str, Any]:
         manifest = self.path.parent / "manifest.json"

@@ -22,6 +22,7 @@ from toolkit.data import get_dataset, load_split, shuffled_batches
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.models import Recipe, create_model, get_entry
+from toolkit.preprocess import Framing, measure_framing
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULERS = ("onecycle", "step", "none")
@@ -186,7 +187,7 @@ class RunResult:
 
 def _checkpoint_payload(
     config: TrainConfig, model: nn.Module, epoch: int, history: list[dict[str, Any]],
-    class_names: tuple[str, ...],
+    class_names: tuple[str, ...], framing: Framing,
 ) -> dict[str, Any]:
     return {
         "arch": config.arch,
@@ -195,6 +196,7 @@ def _checkpoint_payload(
         "dataset": config.dataset,
         "class_names": list(class_names),
         "normalization": {"mean": config.mean, "std": config.std},
+        "framing": framing.to_dict(),  # how preprocessing must frame new images for this model
         "input_shape": [1, 28, 28],
         "epoch": epoch,
         "metrics": {
@@ -272,6 +274,7 @@ def _run(
     spec = get_dataset(config.dataset)
     train_split = load_split(config.dataset, data_dir, train=True)
     test_split = load_split(config.dataset, data_dir, train=False)
+    framing = measure_framing(train_split.images.numpy())
     if config.limit_train is not None:
         train_split.images = train_split.images[: config.limit_train]
         train_split.labels = train_split.labels[: config.limit_train]
@@ -351,7 +354,7 @@ def _run(
             f"acc {stats.train_acc:.2%}  test loss {stats.test_loss:.4f} acc {stats.test_acc:.2%}  "
             f"{stats.seconds:.1f}s"
         )
-        payload = _checkpoint_payload(config, model, epoch, history, spec.class_names)
+        payload = _checkpoint_payload(config, model, epoch, history, spec.class_names, framing)
         if stats.test_acc > best_acc:
             best_acc = stats.test_acc
             save_checkpoint(run_dir / "best.pt", payload)
