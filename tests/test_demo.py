@@ -114,6 +114,9 @@ def test_drawing_in_the_browser_shows_the_label(server, digit, strokes):
             page.goto(server)
             canvas = page.locator("#sketchpad canvas").first
             canvas.wait_for(timeout=60_000)
+            # The page says what to draw and how the drawing is framed for this MNIST model.
+            assert page.get_by_role("heading", name="Draw a digit").is_visible()
+            assert page.get_by_text("scaled to 20 px and centred by its centre of mass").is_visible()
             page.locator('#sketchpad button[aria-label="Brush"]').wait_for()
             time.sleep(1.0)  # the demo selects the brush shortly after load
             box = canvas.bounding_box()

@@ -37,9 +37,23 @@ def model_card(predictor: Predictor) -> str:
     )
 
 
+def what_to_draw(predictor: Predictor) -> str:
+    """'a digit' for digit models, else the classes the model knows."""
+    if predictor.class_names == [str(d) for d in range(10)]:
+        return "a digit"
+    return "one of: " + ", ".join(predictor.class_names)
+
+
+def framing_note(predictor: Predictor) -> str:
+    framing, dataset = predictor.framing, predictor.metadata.get("dataset", "the training set")
+    centre = "by its centre of mass" if framing.centre == "mass" else "by its bounding box"
+    return (f"The drawing is cropped, scaled to {framing.box} px and centred {centre} in 28x28, "
+            f"as the images of `{dataset}` were, before the model sees it.")
+
+
 def _render(result: Classification) -> Outputs:
     if result.label is None:
-        return None, None, f"nothing to classify: draw a digit ({result.milliseconds:.1f} ms)"
+        return None, None, f"nothing to classify ({result.milliseconds:.1f} ms)"
     confidences = {item["label"]: item["probability"] for item in result.top_k}
     # Shown 6x, pixel for pixel, so people can see exactly what the model saw.
     seen = np.kron(result.digit * 255, np.ones((6, 6))).astype(np.uint8)
@@ -51,7 +65,7 @@ def make_handler(predictor: Predictor) -> Any:
 
     def predict(image: Any) -> Outputs:
         if image is None:
-            return None, None, "nothing to classify: draw a digit"
+            return None, None, "nothing to classify"
         try:
             result = classify(predictor, image, top_k=3)
         except ToolkitError as exc:
@@ -66,9 +80,9 @@ def make_handler(predictor: Predictor) -> Any:
 def build_demo(predictor: Predictor) -> gr.Blocks:
     """The demo UI around a Predictor; `predict` is also a named API endpoint."""
     predict = make_handler(predictor)
-    with gr.Blocks(title="toolkit · draw a digit") as demo:
-        gr.Markdown("# Draw a digit\nThe drawing is cropped, scaled to 20 px and centred by mass, "
-                    "as MNIST's digits were, before the model sees it.")
+    subject = what_to_draw(predictor)
+    with gr.Blocks(title=f"toolkit · draw {subject}") as demo:
+        gr.Markdown(f"# Draw {subject}\n{framing_note(predictor)}")
         gr.Markdown(model_card(predictor), elem_id="model-card")
         with gr.Row():
             with gr.Column():
@@ -85,7 +99,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
                     upload = gr.Image(type="filepath", image_mode=None, label="image file",
                                       sources=["upload", "clipboard"], elem_id="upload")
                     upload_button = gr.Button("Predict upload", elem_id="upload-button")
-                    examples = sorted(EXAMPLES_DIR.glob("*.png"))
+                    examples = sorted(EXAMPLES_DIR.glob("*.png")) if subject == "a digit" else []
                     if examples:
                         gr.Examples([[str(p)] for p in examples], inputs=upload, label="MNIST test digits")
             with gr.Column():
