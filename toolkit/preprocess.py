@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageChops, ImageSequence, UnidentifiedImageError
 
 from toolkit.errors import ToolkitError
@@ -28,6 +29,9 @@ COARSE_SIDE = 128  # the ink is first located on a copy about this size
 MAX_DECODE_PIXELS = 40_000_000  # refuse to decode more (decompression bombs)
 INK_LEVEL = 127  # a pixel counts as ink above this (0 background, 255 full ink)
 FAINT_LEVEL = 25  # below this a pixel is paper, not ink
+UNEVEN_LEVEL = 24  # paper whose level varies more than this (shadows, gradients) is evened out
+BACKGROUND_SIDE = 64  # the paper's level is estimated on a copy about this size
+SMOOTH_LEVEL = 4  # light falloff fits a quadratic surface to within this (RMS); objects and shadows do not
 MIN_INK_FRACTION = 0.0005  # below this share of the canvas there is nothing to classify
 MIN_INK_PIXELS = 4
 
@@ -206,9 +210,14 @@ def _gray_levels(picture: Image.Image) -> Image.Image:
     return gray
 
 
+def _border(pixels: np.ndarray) -> np.ndarray:
+    """The outermost pixels: mostly paper (or empty canvas)."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def _border_median(pixels: np.ndarray) -> int:
-    """The typical level of the outermost pixels: the paper (or empty canvas)."""
-    return int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    """The typical level of the outermost pixels: the paper's level."""
+    return int(np.median(_border(pixels)))
 
 
 @functools.cache
@@ -235,7 +244,14 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     """
     levels = _gray_levels(working_picture(image))
     pixels = np.asarray(levels)
-    paper = _border_median(pixels)
+    low, paper, high = (int(level) for level in np.percentile(_border(pixels), (5, 50, 95)))
+    dark_ink = paper > 127
+    # A photo (not a drawing or a small crop) whose border is uneven may have light falloff.
+    if max(levels.size) >= COARSE_SIDE and high - low > UNEVEN_LEVEL:
+        background = _uneven_paper(levels, dark_ink)
+        if background is not None:
+            pixels = _even_out(pixels, background, dark_ink)
+            levels, paper = Image.fromarray(pixels), 255 if dark_ink else 0
     # Find the ink on a reduced copy, then read only that region at full resolution: a few
     # passes over a small image instead of many over a large one. Averaging dims thin strokes
     # and paper noise alike, so the reduced copy's faint level is lower by the same factor.
@@ -257,6 +273,45 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS, reducing_gap=4.0), dtype=np.float32)
     digit /= max(float(digit.max()), 1.0)  # MNIST strokes are saturated
     return _place(digit, framing.centre)
+
+
+def _uneven_paper(levels: Image.Image, dark_ink: bool) -> np.ndarray | None:
+    """The paper's level under every pixel when light falls off smoothly across the picture (a
+    photo lit from one side, vignetting), else None.
+
+    A closing (an opening for light ink) with a window wider than any stroke wipes out the ink;
+    a quadratic surface fitted to what is left is the light. When it does not fit (a solid
+    object wider than the window, a hard shadow) the picture is left as it is.
+    """
+    small = np.asarray(levels.reduce(max(1, max(levels.size) // BACKGROUND_SIDE)))
+    window = max(3, max(small.shape) // 4 | 1)
+    wipe, restore = (np.max, np.min) if dark_ink else (np.min, np.max)
+    paper = _rank_filter(_rank_filter(small, window, wipe), window, restore)
+    height, width = paper.shape
+    y, x = np.mgrid[-1 : 1 : height * 1j, -1 : 1 : width * 1j]
+    terms = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=-1).reshape(-1, 6)
+    coefficients = np.linalg.lstsq(terms, paper.reshape(-1), rcond=None)[0]
+    light = (terms @ coefficients).reshape(paper.shape)
+    if np.sqrt(np.mean((paper - light) ** 2)) > SMOOTH_LEVEL or np.ptp(np.percentile(light, (5, 95))) <= UNEVEN_LEVEL:
+        return None
+    light = Image.fromarray(np.clip(light, 1, 255).astype(np.uint8))
+    return np.asarray(light.resize(levels.size, Image.Resampling.BILINEAR))
+
+
+def _rank_filter(pixels: np.ndarray, window: int, reduce: Any) -> np.ndarray:
+    """`reduce` (np.max or np.min) over a window x window square around each pixel. The picture is
+    extended by point reflection, which continues a gradient across the edge instead of
+    flattening it there."""
+    padded = np.pad(pixels.astype(np.float32), window // 2, mode="reflect", reflect_type="odd")
+    rows = reduce(sliding_window_view(padded, window, axis=0), axis=-1)
+    return reduce(sliding_window_view(rows, window, axis=1), axis=-1)
+
+
+def _even_out(pixels: np.ndarray, paper: np.ndarray, dark_ink: bool) -> np.ndarray:
+    """Levels as if on even paper (255 under dark ink, 0 under light ink)."""
+    pixels, paper = pixels.astype(np.float32), paper.astype(np.float32)
+    even = pixels * 255 / np.maximum(paper, 1) if dark_ink else (pixels - paper) * 255 / np.maximum(255 - paper, 1)
+    return np.clip(even, 0, 255).astype(np.uint8)
 
 
 def _place(digit: np.ndarray, centre: str) -> np.ndarray:
