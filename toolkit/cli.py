@@ -294,7 +294,7 @@ def demo(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     export_dir = export_dir or newest_export_dir()
-    console.print(f"serving {export_dir} at http://{host}:{port}")
+    console.print(f"starting the demo for {export_dir} on http://{host}:{port} ...")
     launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads,
            check_integrity=not skip_integrity_check)
 
