@@ -2,9 +2,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
-from tests.conftest import FASHION_DIR
+from tests.conftest import FASHION_DIR, REPO
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.inference import classify
@@ -197,3 +197,15 @@ def test_photos_in_uneven_light_are_read_right(predictor, mnist_dir, paper_from,
     )
     # 97/100 for both; assuming one paper level for the whole picture read 29 and 28 of 100.
     assert right >= 90
+
+
+def test_phone_photos_stored_sideways_are_turned_upright(predictor, tmp_path):
+    upright = Image.open(REPO / "demo" / "examples" / "mnist-test-0000-label-7.png").convert("L")
+    photo = Image.eval(upright.resize((600, 600), Image.Resampling.BICUBIC), lambda v: 255 - v)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "sideways.jpg"
+    photo.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    assert load_image(path).size == (600, 600)
+    assert np.abs(np.asarray(load_image(path), dtype=np.float32) - np.asarray(photo)).mean() < 3  # JPEG noise
+    assert classify(predictor, path).label == "7"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image, ImageChops, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, ImageSequence, UnidentifiedImageError
 
 from toolkit.errors import ToolkitError
 
@@ -111,6 +111,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         image = next(iter(ImageSequence.Iterator(image)))  # animated: first frame
         image.draft("L", (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # JPEG: decode at reduced size
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, with a rotation tag
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read this image: {exc}") from exc
     return image
