@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from toolkit.classes import DIGITS
 from toolkit.errors import ToolkitError
 from toolkit.inference import Classification, classify
 from toolkit.runtime import Predictor
@@ -39,7 +40,7 @@ def model_card(predictor: Predictor) -> str:
 
 def what_to_draw(predictor: Predictor) -> str:
     """'a digit' for digit models, else the classes the model knows."""
-    if predictor.class_names == [str(d) for d in range(10)]:
+    if tuple(predictor.class_names) == DIGITS:
         return "a digit"
     return "one of: " + ", ".join(predictor.class_names)
 

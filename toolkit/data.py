@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit.classes import DIGITS
 from toolkit.errors import ToolkitError
 
 DATA_DIR_ENV = "TOOLKIT_DATA_DIR"
 OFFLINE_ENV = "TOOLKIT_OFFLINE"
-DIGITS = tuple(str(d) for d in range(10))
 # Where Debian's dataset packages install, e.g. dataset-fashion-mnist: /usr/share/datasets/fashion-mnist.
 SYSTEM_DATA_DIRS = (Path("/usr/share/datasets"),)
 
@@ -141,8 +141,11 @@ def _find_file(roots: list[Path], name: str) -> Path | None:
 
 def _search_roots(spec: DatasetSpec, data_dir: Path) -> list[Path]:
     # torchvision's layout, or a plain folder of IDX files; then a system-wide copy, if any.
-    return [data_dir / spec.folder / "raw", data_dir / "raw", data_dir,
-            *(system / spec.name for system in SYSTEM_DATA_DIRS)]
+    return [data_dir / spec.folder / "raw", data_dir / "raw", data_dir, *_system_roots(spec)]
+
+
+def _system_roots(spec: DatasetSpec) -> list[Path]:
+    return [system / spec.name for system in SYSTEM_DATA_DIRS]
 
 
 def _download(spec: DatasetSpec, data_dir: Path) -> None:
@@ -174,7 +177,7 @@ def load_split(
             f"point --data-dir or ${DATA_DIR_ENV} at a folder holding {image_name} and "
             f"{label_name} (torchvision layout {spec.folder}/raw/ or a plain folder of IDX files)"
         )
-        searched = " or ".join(str(where) for where in (root.resolve(), *roots[3:]))
+        searched = " or ".join(str(where) for where in (root.resolve(), *_system_roots(spec)))
         if offline:
             raise ToolkitError(f"{spec.name} not found under {searched}; {hint}")
         try:

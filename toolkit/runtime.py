@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.classes import DIGITS
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import Framing
 
@@ -153,7 +154,7 @@ class Predictor:
         self.provider = session_provider(self.session)
         self.metadata = read_onnx_metadata(self.session)
         self.class_names: list[str] = list(
-            self.metadata.get("class_names") or [str(i) for i in range(10)]
+            self.metadata.get("class_names") or DIGITS
         )
         try:
             self.framing = Framing.from_dict(self.metadata.get("framing"))
