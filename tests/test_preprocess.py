@@ -8,7 +8,15 @@ from tests.conftest import FASHION_DIR, REPO
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.inference import classify
-from toolkit.preprocess import Framing, ImageReadError, load_image, measure_framing, preprocess
+from toolkit.preprocess import (
+    MNIST_FRAMING,
+    Framing,
+    ImageReadError,
+    frame_stroke_width,
+    load_image,
+    measure_framing,
+    preprocess,
+)
 from toolkit.runtime import Predictor
 
 
@@ -148,11 +156,13 @@ def test_truncated_png_and_decompression_bomb(tmp_path):
 
 
 def test_framing_is_measured_from_the_training_images(mnist_dir):
-    assert measure_framing(load_split("mnist", mnist_dir, train=True).images.numpy()) == Framing(20, "mass")
+    # Stroke widths come out of Lanczos resampling: allow for another Pillow's rounding.
+    mnist = measure_framing(load_split("mnist", mnist_dir, train=True).images.numpy())
+    assert (mnist.box, mnist.centre, mnist.stroke) == (20, "mass", pytest.approx(MNIST_FRAMING.stroke, abs=0.05))
     if FASHION_DIR.exists():
-        fashion = load_split("fashion-mnist", FASHION_DIR, train=True).images.numpy()
-        assert measure_framing(fashion) == Framing(28, "box")
-    assert measure_framing(np.zeros((3, 28, 28), np.uint8)) == Framing(20, "mass")  # nothing to measure
+        fashion = measure_framing(load_split("fashion-mnist", FASHION_DIR, train=True).images.numpy())
+        assert (fashion.box, fashion.centre, fashion.stroke) == (28, "box", pytest.approx(1.19, abs=0.05))
+    assert measure_framing(np.zeros((3, 28, 28), np.uint8)) == MNIST_FRAMING  # nothing to measure
 
 
 @pytest.mark.skipif(not FASHION_DIR.exists(), reason="Debian package dataset-fashion-mnist")
@@ -168,10 +178,12 @@ def test_photos_of_fashion_items_come_back_framed_like_fashion_mnist():
 
 
 def test_a_broken_framing_is_a_clear_error():
-    for broken in ({"box": 40, "centre": "mass"}, {"box": 20, "centre": "top"}, {"size": 20}):
+    for broken in ({"box": 40, "centre": "mass"}, {"box": 20, "centre": "top"}, {"size": 20},
+                   {"box": 20, "centre": "mass", "stroke": -1}):
         with pytest.raises(ToolkitError, match="framing"):
             Framing.from_dict(broken)
-    assert Framing.from_dict(None) == Framing(20, "mass")  # exports made before framing was recorded
+    assert Framing.from_dict(None) == MNIST_FRAMING  # exports made before framing was recorded
+    assert Framing.from_dict({"box": 20, "centre": "mass"}).stroke == 0  # ... or before strokes were
 
 
 def _photo(digit, rng, paper_from, paper_to, ink):
@@ -197,6 +209,31 @@ def test_photos_in_uneven_light_are_read_right(predictor, mnist_dir, paper_from,
     )
     # 97/100 for both; assuming one paper level for the whole picture read 29 and 28 of 100.
     assert right >= 90
+
+
+def _pen_drawing(digit, pen):
+    """An MNIST digit redrawn with a `pen` px wide line along its skeleton on a 280x280 page: a
+    ballpoint's line, 1/100 of the digit's height where MNIST's strokes are 1/8."""
+    from skimage.morphology import dilation, disk, skeletonize
+
+    shape = np.asarray(Image.fromarray(digit).resize((280, 280), Image.Resampling.BICUBIC)) > 100
+    line = dilation(skeletonize(shape), disk(pen // 2))
+    return Image.fromarray(np.where(line, 20, 235).astype(np.uint8))
+
+
+def test_pen_drawings_are_thickened_to_the_training_sets_strokes(predictor, mnist_dir):
+    test = load_split("mnist", mnist_dir, train=False)
+    drawings = [_pen_drawing(test.images[i].numpy(), pen=3) for i in range(500)]
+    labels = test.labels[:500].numpy()
+    thin = Framing(20, "mass", stroke=0)  # as before strokes were measured
+    seen = {framing: np.stack([preprocess(drawing, framing) for drawing in drawings])
+            for framing in (thin, predictor.framing)}
+    widths = {framing: np.median([frame_stroke_width(image) for image in inputs]) for framing, inputs in seen.items()}
+    assert widths[thin] < predictor.framing.stroke <= widths[predictor.framing]
+    right = {framing: (predictor.run(inputs)[0].argmax(1) == labels).mean() for framing, inputs in seen.items()}
+    # 2,000 test digits drawn this way: 96.75% right as they came, 97.9% thickened.
+    assert right[predictor.framing] >= 0.96
+    assert right[predictor.framing] >= right[thin]
 
 
 def test_phone_photos_stored_sideways_are_turned_upright(predictor, tmp_path):

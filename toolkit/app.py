@@ -48,8 +48,9 @@ def what_to_draw(predictor: Predictor) -> str:
 def framing_note(predictor: Predictor) -> str:
     framing, dataset = predictor.framing, predictor.metadata.get("dataset", "the training set")
     centre = "by its centre of mass" if framing.centre == "mass" else "by its bounding box"
+    strokes = f" Strokes thinner than {framing.stroke:g} px are thickened to that." if framing.stroke else ""
     return (f"The drawing is cropped, scaled to {framing.box} px and centred {centre} in 28x28, "
-            f"as the images of `{dataset}` were, before the model sees it.")
+            f"as the images of `{dataset}` were, before the model sees it.{strokes}")
 
 
 def _render(result: Classification) -> Outputs:
