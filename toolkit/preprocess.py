@@ -328,13 +328,18 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     crop = Image.fromarray(ink[_ink_box(ink)])
     if framing.stroke:
         crop = _thicken(crop, framing)
-    scale = framing.box / max(crop.size)
-    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    size = _scaled_size(crop, framing.box)
     # Area-average big crops to about 4x the target first (cheap, and it keeps thin strokes),
     # then Lanczos: anti-aliased like MNIST's digits.
     digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS, reducing_gap=4.0), dtype=np.float32)
     digit /= max(float(digit.max()), 1.0)  # MNIST strokes are saturated
     return _place(digit, framing.centre)
+
+
+def _scaled_size(image: Image.Image, long_side: int) -> tuple[int, int]:
+    """`image`'s size scaled so that its longer side is `long_side`, no side under one pixel."""
+    scale = long_side / max(image.size)
+    return max(1, round(image.width * scale)), max(1, round(image.height * scale))
 
 
 def _thicken(crop: Image.Image, framing: Framing) -> Image.Image:
@@ -347,9 +352,7 @@ def _thicken(crop: Image.Image, framing: Framing) -> Image.Image:
     """
     long_side = framing.box * STROKE_SCALE
     if max(crop.size) < long_side:  # too few pixels across a stroke to tell its width
-        scale = long_side / max(crop.size)
-        fine = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
-                           Image.Resampling.LANCZOS)
+        fine = crop.resize(_scaled_size(crop, long_side), Image.Resampling.LANCZOS)
     else:  # as it is, or box-averaged (cheap) to between 2x and 4x that
         fine = crop.reduce(max(1, max(crop.size) // (2 * long_side)))
     pixels, long_side = np.asarray(fine), max(fine.size)
