@@ -53,16 +53,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ToolkitError(f"{path} is a directory; pass a checkpoint file such as {path}/best.pt")
     if not path.is_file():
         raise ToolkitError(f"checkpoint not found: {path}")
+    other = _other_artifact(path)
+    if other:
+        raise ToolkitError(f"{path} is {other}, not a training checkpoint; pass the best.pt that `toolkit train` "
+                           f"wrote (runs/NAME/best.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        detail = f" ({found.group(1)})" if found else ""
-        raise ToolkitError(
-            f"refusing to load {path}: it holds objects that are not plain weights{detail} "
-            f"and could run code when unpickled"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # arbitrary bytes fail inside the unpickler in arbitrary ways
+        found = isinstance(exc, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise ToolkitError(
+                f"refusing to load {path}: it holds objects that are not plain weights ({found.group(1)}) "
+                f"and could run code when unpickled"
+            ) from exc
         raise ToolkitError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ToolkitError(f"{path} is not a toolkit checkpoint (no '{FORMAT}' format marker)")
@@ -75,6 +78,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ToolkitError(f"{path} is missing checkpoint fields: {', '.join(missing)}")
     return checkpoint
+
+
+def _other_artifact(path: Path) -> str | None:
+    """What `path` is when it is one of the other files the toolkit writes, else None."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                entries = {name.partition("/")[2] for name in archive.namelist()}
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if "constants.pkl" in entries:
+            return "a TorchScript program"
+        if "archive_format" in entries:
+            return "a torch.export program"
+    return "an ONNX model" if path.suffix == ".onnx" else None
 
 
 def build_model(checkpoint: dict[str, Any]) -> nn.Module:
