@@ -233,7 +233,7 @@ ModelOption = Annotated[
     Path | None, typer.Option("--model", "-m", help="Export dir or .onnx file (default: newest under exports/).")
 ]
 ProviderOption = Annotated[Device, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
-ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")]
 IntegrityOption = Annotated[
     bool, typer.Option("--skip-integrity-check", help="Serve a model whose sha256 differs from its manifest.")
 ]
@@ -279,11 +279,11 @@ def predict(
 def demo(
     export_dir: ExportDirArgument = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
     provider: ProviderOption = Device.auto,
     threads: Annotated[int, typer.Option(
-        help="onnxruntime intra-op threads per request; concurrent requests already run in parallel.")] = 1,
+        min=1, help="onnxruntime intra-op threads per request; concurrent requests already run in parallel.")] = 1,
     skip_integrity_check: IntegrityOption = False,
 ) -> None:
     """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction."""
@@ -407,7 +407,8 @@ def _write_bench_json(path: Path, data: dict) -> None:
 def bench_infer_command(
     export_dir: ExportDirArgument = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32,256,1024",
-    threads: Annotated[int | None, typer.Option(help="Threads for torch and onnxruntime (default: cores).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads for torch and onnxruntime (default: cores).")] = None,
     seconds: Annotated[float, typer.Option(help="Minimum measuring time per backend and batch size.")] = 0.5,
     rounds: Annotated[int, typer.Option(help="Backends take turns in this many slices, so drift hits all alike.")] = 5,
     json_path: JsonOption = BENCH_DIR / "bench-infer.json",
@@ -462,7 +463,7 @@ def bench_train_command(
 def bench_classify_command(
     export_dir: ExportDirArgument = None,
     repeats: Annotated[int, typer.Option(help="Passes over the inputs of each kind.")] = 20,
-    threads: Annotated[int, typer.Option(help="onnxruntime threads per request, as in `toolkit demo`.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per request, as in `toolkit demo`.")] = 1,
     json_path: JsonOption = BENCH_DIR / "bench-classify.json",
 ) -> None:
     """Server-side time of one demo request (preprocessing + inference) for uploads, sketchpad
