@@ -79,6 +79,20 @@ def test_batch_size_is_dynamic(export_dir, batch):
     np.testing.assert_allclose(ts_logits.detach().numpy(), logits, atol=1e-5, rtol=1e-4)
 
 
+def test_predictor_runs_big_batches_in_chunks_with_the_same_results(export_dir, mnist_dir):
+    from toolkit.data import load_split
+    from toolkit.runtime import CPU_CHUNK, Predictor
+
+    images = load_split("mnist", mnist_dir, train=False).pixels()[: 3 * CPU_CHUNK + 7].numpy()
+    predictor = Predictor(export_dir, provider="cpu")
+    logits, probs = predictor.run(images)
+    whole_logits, whole_probs = predictor.session.run(None, {"image": images})
+    assert logits.shape == probs.shape == (len(images), 10)
+    np.testing.assert_allclose(logits, whole_logits, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(probs, whole_probs, atol=1e-6)
+    assert (logits.argmax(1) == whole_logits.argmax(1)).all()
+
+
 def test_triton_repository_layout(export_dir):
     config = (export_dir / "triton" / "toolkit_model" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config

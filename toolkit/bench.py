@@ -79,7 +79,7 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
     Torch modules are loaded once; onnxruntime sessions are built anew on each call, because an
     idle session's worker threads keep waking up and steal cores from the backend being timed.
     """
-    from toolkit.runtime import create_session, cuda_provider_usable
+    from toolkit.runtime import Predictor, create_session, cuda_provider_usable
 
     torch.set_num_threads(threads)
 
@@ -113,6 +113,13 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
             return make
         return loader
 
+    def predictor_backend(path: Path) -> Loader:
+        """What `toolkit evaluate` and library users call: input checks, chunked CPU runs."""
+        def loader() -> Callable[[np.ndarray], Runner]:
+            predictor = Predictor(path, provider="cpu", threads=threads)
+            return lambda batch: lambda: predictor.run(batch)
+        return loader
+
     def reference() -> torch.nn.Module:
         return build_deployable(load_checkpoint(export_dir / "model.pt"))
 
@@ -131,6 +138,7 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
         backends[f"onnxruntime-cpu{suffix}"] = onnx_backend(path, "cpu")
         if not suffix:
             backends["onnxruntime-cpu-iobinding"] = onnx_backend(path, "cpu", io_binding=True)
+            backends["toolkit-predictor"] = predictor_backend(path)
         if cuda:
             backends[f"onnxruntime-cuda{suffix}"] = onnx_backend(path, "cuda")
     if torch.cuda.is_available():
