@@ -35,6 +35,8 @@ SMOOTH_LEVEL = 4  # light falloff fits a quadratic surface to within this (RMS);
 MIN_INK_FRACTION = 0.0005  # below this share of the canvas there is nothing to classify
 MIN_INK_PIXELS = 4
 MIN_PART = 0.05  # a separate mark with less ink than this share of the largest one's is a speck
+LINE_SPAN = 0.8  # a row (column) inked across this share of the picture may be a ruled line
+LINE_THICKNESS = 0.025  # ruled lines are at most this share of the picture thick
 STROKE_SCALE = 4  # stroke widths are measured with the subject drawn 4x its size in the frame
 STROKE_PERCENTILE = 10  # strokes thinner than all but a tenth of the training set's are thickened
 
@@ -296,6 +298,45 @@ def _main_span(profile: np.ndarray) -> slice | None:
     return slice(starts[kept[0]], stops[kept[-1]])
 
 
+def _line_bands(ink: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of rows of `ink` inked across LINE_SPAN of its width and at most LINE_THICKNESS of
+    its height thick, as (start, stop)."""
+    span = np.count_nonzero(ink, axis=1) >= LINE_SPAN * ink.shape[1]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], span.view(np.int8), [0]])))
+    thickest = max(1, round(LINE_THICKNESS * ink.shape[0]))
+    return [(a, b) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a <= thickest]
+
+
+def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, paper: int) -> np.ndarray | None:
+    """`pixels` with the lines of ruled or squared paper painted over, or None when it has none.
+
+    Lines are found on the reduced copy `coarse_ink` (`factor` times smaller): two or more thin
+    bands across the picture. One is not enough: it may be the bar of a 7 drawn across the
+    canvas. Each line's exact rows are then read at full resolution and replaced by the fainter
+    of the rows just outside them, so strokes that cross a line stay whole.
+    """
+    erased = None
+    for axis in (0, 1):
+        bands = _line_bands(coarse_ink if axis == 0 else coarse_ink.T)
+        if len(bands) < 2:
+            continue
+        if erased is None:
+            erased, table = pixels.copy(), _ink_table(paper)
+            fainter = np.maximum if paper > 127 else np.minimum  # the less inked of two levels
+        view = erased if axis == 0 else erased.T  # a view: painting it paints `erased`
+        height, width = view.shape
+        for start, stop in bands:
+            near = range(max(0, start * factor - 1), min(height, stop * factor + 1))
+            rows = [r for r in near if np.count_nonzero(table[view[r]]) >= LINE_SPAN * width]
+            if not rows:
+                continue
+            # One row more on each side: the line's anti-aliased fringe.
+            first, last = max(0, rows[0] - 1), min(height - 1, rows[-1] + 1)
+            above, below = view[max(0, first - 1)], view[min(height - 1, last + 1)]
+            view[first : last + 1] = fainter(above, below)
+    return erased
+
+
 def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | None:
     """A float32 [28, 28] input in [0, 1] framed as `framing` says (MNIST's by default), or None
     when there is nothing to classify.
@@ -317,7 +358,14 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     # and paper noise alike, so the reduced copy's faint level is lower by the same factor.
     factor = max(1, max(levels.size) // COARSE_SIDE)
     reduced = np.asarray(levels.reduce(factor)) if factor > 1 else pixels
-    coarse = _subject_box(_ink_table(paper, FAINT_LEVEL // factor)[reduced])
+    coarse_table = _ink_table(paper, FAINT_LEVEL // factor)
+    coarse_ink = coarse_table[reduced]
+    unlined = _erase_ruled_lines(pixels, coarse_ink, factor, paper)
+    if unlined is not None:
+        pixels = unlined
+        reduced = np.asarray(Image.fromarray(pixels).reduce(factor)) if factor > 1 else pixels
+        coarse_ink = coarse_table[reduced]
+    coarse = _subject_box(coarse_ink)
     if coarse is None:
         return None
     rows, cols = (slice(max(0, (s.start - 1) * factor), (s.stop + 1) * factor) for s in coarse)
