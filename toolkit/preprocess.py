@@ -37,6 +37,9 @@ MIN_INK_PIXELS = 4
 MIN_PART = 0.05  # a separate mark with less ink than this share of the largest one's is a speck
 LINE_SPAN = 0.8  # a row (column) inked across this share of the picture may be a ruled line
 LINE_THICKNESS = 0.025  # ruled lines are at most this share of the picture thick
+LINE_PART = 0.3  # a full-resolution row inked across this share of the picture carries part of a line
+MAX_TILT = 5.0  # degrees: ruled lines in a photo of a page held roughly level
+TILT_STEP = 0.5  # a line this far off a tried angle drifts under one row across the reduced copy
 STROKE_SCALE = 4  # stroke widths are measured with the subject drawn 4x its size in the frame
 STROKE_PERCENTILE = 10  # strokes thinner than all but a tenth of the training set's are thickened
 
@@ -307,6 +310,45 @@ def _line_bands(ink: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a <= thickest]
 
 
+def _reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """`pixels` box-averaged `factor` times smaller."""
+    return np.asarray(Image.fromarray(pixels).reduce(factor)) if factor > 1 else pixels
+
+
+def _line_tilt(coarse_ink: np.ndarray) -> float | None:
+    """The angle in degrees (counter-clockwise) that levels two or more thin bands crossing the
+    picture within MAX_TILT of horizontal, or None. Tried only when some ink spans the width.
+
+    The angle is the one whose row sums are most uneven (the projection-profile method of
+    document deskewing): lines run level, so their ink piles up in few rows.
+    """
+    inked = coarse_ink > 0
+    height, width = inked.shape
+    if np.count_nonzero(inked.any(0)) < LINE_SPAN * width:
+        return None
+    pad = int(np.ceil(width * np.tan(np.radians(MAX_TILT)))) + 1
+    padded = np.pad(inked, ((pad, pad), (0, 0)))
+    rows, cols = np.arange(height)[:, None] + pad, np.arange(width)
+    steps = int(MAX_TILT / TILT_STEP)
+    angles = TILT_STEP * np.arange(-steps, steps + 1)
+    shifts = np.round(cols * np.tan(np.radians(angles))[:, None]).astype(int)  # [angle, column]
+    # Row sums of the picture sheared by every angle, in one pass over the inked pixels of every
+    # fourth column: lines run across all of them, and the row sums keep their full resolution.
+    ink_rows, ink_cols = np.nonzero(inked[:, ::4])
+    ink_cols *= 4
+    sheared_rows = ink_rows + pad - shifts[:, ink_cols] + (height + 2 * pad) * np.arange(len(angles))[:, None]
+    per_row = np.bincount(sheared_rows.ravel(), minlength=len(angles) * (height + 2 * pad))
+    unevenness = np.square(per_row.reshape(len(angles), -1), dtype=np.float64).sum(1)
+    best = int(np.argmax(unevenness))
+    angle = float(angles[best])
+    if angle == 0:
+        return None
+    # Sample each column `shift` rows lower: a line falling at `angle` to the right runs level.
+    level = padded[rows + shifts[best], cols]
+    level[1:] |= level[:-1].copy()  # a line that steps between two rows
+    return angle if len(_line_bands(level)) >= 2 else None
+
+
 def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, paper: int) -> np.ndarray | None:
     """`pixels` with the lines of ruled or squared paper painted over, or None when it has none.
 
@@ -326,11 +368,15 @@ def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, 
         view = erased if axis == 0 else erased.T  # a view: painting it paints `erased`
         height, width = view.shape
         for start, stop in bands:
-            near = range(max(0, start * factor - 1), min(height, stop * factor + 1))
-            rows = [r for r in near if np.count_nonzero(table[view[r]]) >= LINE_SPAN * width]
-            if not rows:
+            top = max(0, start * factor - 1)
+            ink = table[view[top : min(height, stop * factor + 1)]] > 0
+            if np.count_nonzero(ink.any(0)) < LINE_SPAN * width:
                 continue
-            # One row more on each side: the line's anti-aliased fringe.
+            # The rows that carry part of the line (a levelled line may still slope a little),
+            # and one row more on each side: its anti-aliased fringe.
+            rows = top + np.flatnonzero(ink.mean(1) >= LINE_PART)
+            if not len(rows):
+                continue
             first, last = max(0, rows[0] - 1), min(height - 1, rows[-1] + 1)
             above, below = view[max(0, first - 1)], view[min(height - 1, last + 1)]
             view[first : last + 1] = fainter(above, below)
@@ -357,14 +403,17 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     # passes over a small image instead of many over a large one. Averaging dims thin strokes
     # and paper noise alike, so the reduced copy's faint level is lower by the same factor.
     factor = max(1, max(levels.size) // COARSE_SIDE)
-    reduced = np.asarray(levels.reduce(factor)) if factor > 1 else pixels
+    reduced = _reduce(pixels, factor)
     coarse_table = _ink_table(paper, FAINT_LEVEL // factor)
     coarse_ink = coarse_table[reduced]
     unlined = _erase_ruled_lines(pixels, coarse_ink, factor, paper)
+    tilt = None if unlined is not None else _line_tilt(coarse_ink)
+    if tilt is not None:  # a photo of a page not held level: level it, then erase its lines
+        level = np.asarray(Image.fromarray(pixels).rotate(tilt, Image.Resampling.BILINEAR, fillcolor=paper))
+        unlined = _erase_ruled_lines(level, coarse_table[_reduce(level, factor)], factor, paper)
     if unlined is not None:
         pixels = unlined
-        reduced = np.asarray(Image.fromarray(pixels).reduce(factor)) if factor > 1 else pixels
-        coarse_ink = coarse_table[reduced]
+        coarse_ink = coarse_table[_reduce(pixels, factor)]
     coarse = _subject_box(coarse_ink)
     if coarse is None:
         return None
