@@ -267,11 +267,13 @@ def test_specks_away_from_the_subject_are_left_out(predictor, mnist_dir):
     assert right >= 95
 
 
-def _notebook_page(digit, line_colour, spacing, squared, thickness, tilt=0):
-    """An MNIST digit written in dark blue ink on a ruled (or squared) notebook page, photographed
-    `tilt` degrees off level."""
+def _notebook_page(digit, line_colour, spacing, squared, thickness, tilt=0, margin=None):
+    """An MNIST digit written in dark blue ink on a ruled (or squared) notebook page, with a
+    `margin` line of that colour if given, photographed `tilt` degrees off level."""
     page = Image.new("RGB", (420, 420), (250, 250, 244))
     draw = ImageDraw.Draw(page)
+    if margin:
+        draw.line([(50, 0), (50, 419)], fill=margin, width=2)
     for at in range(spacing // 2, 420, spacing):
         draw.line([(0, at), (419, at)], fill=line_colour, width=thickness)
         if squared:
@@ -283,26 +285,27 @@ def _notebook_page(digit, line_colour, spacing, squared, thickness, tilt=0):
     return page.rotate(tilt, Image.Resampling.BICUBIC, fillcolor=(250, 250, 244)) if tilt else page
 
 
-@pytest.mark.parametrize(("line_colour", "spacing", "squared", "thickness", "tilt"), [
-    ((150, 180, 230), 40, False, 2, 0),  # blue ruled
-    ((185, 185, 185), 30, False, 1, 0),  # grey ruled
-    ((170, 200, 230), 25, True, 1, 0),  # squared
-    ((150, 180, 230), 40, False, 2, 2.3),  # blue ruled, photographed off level
-    ((170, 200, 230), 25, True, 1, -4),  # squared, photographed off level
+@pytest.mark.parametrize(("line_colour", "spacing", "squared", "thickness", "tilt", "margin"), [
+    ((150, 180, 230), 40, False, 2, 0, None),  # blue ruled
+    ((185, 185, 185), 30, False, 1, 0, None),  # grey ruled
+    ((170, 200, 230), 25, True, 1, 0, None),  # squared
+    ((150, 180, 230), 40, False, 2, 0, (220, 90, 90)),  # blue ruled with a red margin line
+    ((150, 180, 230), 40, False, 2, 2.3, None),  # blue ruled, photographed off level
+    ((170, 200, 230), 25, True, 1, -4, None),  # squared, photographed off level
 ])
 def test_digits_on_ruled_and_squared_paper_are_read_right(predictor, mnist_dir, line_colour, spacing, squared,
-                                                          thickness, tilt):
+                                                          thickness, tilt, margin):
     test = load_split("mnist", mnist_dir, train=False)
     right, differences = 0, []
     for i in range(100):
         digit = test.images[i].numpy()
-        seen = preprocess(_notebook_page(digit, line_colour, spacing, squared, thickness, tilt))
+        seen = preprocess(_notebook_page(digit, line_colour, spacing, squared, thickness, tilt, margin))
         plain = preprocess(_notebook_page(digit, (250, 250, 244), spacing, squared, thickness, tilt))
         differences.append(np.abs(seen - plain).mean())
         right += predictor.predict(seen).labels[0] == str(int(test.labels[i]))
     # The lines are gone: level, the model sees what a plain page gives, but for the pixels where
     # a line crossed a stroke; off level, the page is levelled first. With the lines left in, about
-    # a third of level pages and half of tilted ones were read right.
+    # a third of level pages and half of tilted ones or those with a margin were read right.
     assert right >= 95 and (tilt or np.median(differences) < 0.015), (np.median(differences), right)
 
 
@@ -313,6 +316,10 @@ def test_one_stroke_across_the_canvas_is_not_taken_for_a_ruled_line():
     draw.line([(390, 60), (180, 380)], fill=0, width=4)
     seen = preprocess(canvas)
     assert (seen > 0.5).sum(axis=1).max() >= 15  # the bar is still there, across the 20 px box
+    one = Image.new("L", (400, 400), 255)
+    ImageDraw.Draw(one).line([(200, 5), (196, 395)], fill=0, width=6)  # a 1 as tall as the canvas
+    seen = preprocess(one)
+    assert seen is not None and (seen > 0.5).sum(axis=0).max() >= 18
 
 
 def test_phone_photos_stored_sideways_are_turned_upright(predictor, tmp_path):
