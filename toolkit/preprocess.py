@@ -290,14 +290,15 @@ def _subject_box(ink: np.ndarray) -> tuple[slice, slice] | None:
     columns with under MIN_PART of the heaviest mark's ink (dust, a stray tap of the pen or
     click on the canvas) are left out: one speck in a corner would stretch the box and shrink
     the digit. Reading the row and column sums costs a fraction of labelling the marks."""
-    rows, cols = _main_span(ink), _main_span(ink.T)
+    rows, cols = _main_span(ink), _main_span(ink.T, margins=True)
     return None if rows is None or cols is None else (rows, cols)
 
 
-def _main_span(ink: np.ndarray) -> slice | None:
+def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
     """The rows of `ink` from the first to the last run of inked rows that holds at least MIN_PART
-    of the heaviest run's ink. A thin run inked across the whole picture beside other marks is
-    a ruled line (a notebook's margin, one line of a form), not part of the subject."""
+    of the heaviest run's ink. With `margins`, a thin run inked across the whole picture beside
+    other marks is a ruled line (a notebook's margin), not part of the subject. Only for columns:
+    the top bar of a 5 drawn across the canvas may stand apart from the rest of it."""
     profile = ink.sum(1, dtype=np.int64)
     on = np.concatenate([[0], (profile > 0).view(np.int8), [0]])
     edges = np.flatnonzero(np.diff(on))
@@ -306,7 +307,7 @@ def _main_span(ink: np.ndarray) -> slice | None:
     starts, stops = edges[::2], edges[1::2]
     mass = np.add.reduceat(profile, starts)  # each run plus the empty gap after it
     thickest = max(1, round(LINE_THICKNESS * len(profile)))
-    line = np.array([b - a <= thickest and np.count_nonzero(ink[a:b].any(0)) >= LINE_SPAN * ink.shape[1]
+    line = np.array([margins and b - a <= thickest and np.count_nonzero(ink[a:b].any(0)) >= LINE_SPAN * ink.shape[1]
                      for a, b in zip(starts, stops, strict=True)])
     if not line.all():
         mass[line] = 0
