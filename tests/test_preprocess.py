@@ -314,7 +314,7 @@ def test_a_digit_in_a_forms_box_cropped_at_the_box_is_read_right(predictor, mnis
     right = 0
     for i in range(100):
         cell = Image.new("L", (300, 300), 250)
-        ImageDraw.Draw(cell).rectangle([0, 0, 299, 299], outline=60, width=3)  # the box runs along the edges
+        ImageDraw.Draw(cell).rectangle([0, 0, 299, 299], outline=100, width=3)  # printed along the edges
         ink = np.asarray(Image.fromarray(test.images[i].numpy()).resize((180, 180), Image.Resampling.BICUBIC)) / 255
         pixels = np.asarray(cell, dtype=np.float64)
         pixels[60:240, 60:240] = pixels[60:240, 60:240] * (1 - ink) + 20 * ink
@@ -322,6 +322,21 @@ def test_a_digit_in_a_forms_box_cropped_at_the_box_is_read_right(predictor, mnis
         # read from those, the page was taken for light ink on dark and 11% were right.
         right += classify(predictor, Image.fromarray(pixels.round().astype(np.uint8))).label == str(int(test.labels[i]))
     assert right >= 95
+
+
+@pytest.mark.parametrize("segments", ["abged", "abgcd", "abcdefg", "afgcd"])  # a boxy 2, 3, 8 and 5
+def test_the_bars_of_boxy_digits_are_not_taken_for_ruled_lines(segments):
+    canvas = Image.new("L", (300, 300), 255)
+    left, right, top, middle, bottom = 12, 288, 12, 150, 288
+    ends = {"a": [(left, top), (right, top)], "b": [(right, top), (right, middle)],
+            "c": [(right, middle), (right, bottom)], "d": [(left, bottom), (right, bottom)],
+            "e": [(left, middle), (left, bottom)], "f": [(left, top), (left, middle)],
+            "g": [(left, middle), (right, middle)]}
+    for segment in segments:  # thin bars as wide as the picture: two or three of them
+        ImageDraw.Draw(canvas).line(ends[segment], fill=0, width=4)
+    seen = preprocess(canvas)
+    bars = np.flatnonzero((seen > 0.5).sum(axis=1) >= 12)
+    assert len(bars) and np.count_nonzero(np.diff(bars) > 1) + 1 == 3  # top, middle and bottom bars
 
 
 def test_one_stroke_across_the_canvas_is_not_taken_for_a_ruled_line():

@@ -38,6 +38,8 @@ BORDER_SHARE = 0.03  # the paper's level is read within this share of the pictur
 MIN_PART = 0.05  # a separate mark with less ink than this share of the largest one's is a speck
 LINE_SPAN = 0.8  # a row (column) inked across this share of the picture may be a ruled line
 LINE_THICKNESS = 0.025  # ruled lines are at most this share of the picture thick
+MANY_LINES = 4  # this many parallel lines across the picture are ruling, whatever their ink
+LINE_FAINT = 0.9  # fewer lines are ruling when their ink is at most this share of the writing's
 LINE_PART = 0.3  # a full-resolution row inked across this share of the picture carries part of a line
 MAX_TILT = 5.0  # degrees: ruled lines in a photo of a page held roughly level
 TILT_STEP = 0.5  # a line this far off a tried angle drifts under one row across the reduced copy
@@ -366,35 +368,51 @@ def _line_tilt(coarse_ink: np.ndarray) -> float | None:
 def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, paper: int) -> np.ndarray | None:
     """`pixels` with the lines of ruled or squared paper painted over, or None when it has none.
 
-    Lines are found on the reduced copy `coarse_ink` (`factor` times smaller): two or more thin
-    bands across the picture. One is not enough: it may be the bar of a 7 drawn across the
-    canvas. Each line's exact rows are then read at full resolution and replaced by the fainter
-    of the rows just outside them, so strokes that cross a line stay whole.
+    Lines are found on the reduced copy `coarse_ink` (`factor` times smaller): thin bands across
+    the picture, then their exact rows at full resolution. One band is not enough: it may be the
+    bar of a 7 drawn across the canvas. Two or three may be the bars of a boxy 2, 3 or 8, so they
+    count as ruling only when printed fainter than the writing; MANY_LINES always do. Each line's
+    rows are replaced by the fainter of the rows just outside them, so strokes that cross a line
+    stay whole.
     """
-    erased = None
+    erased, table = None, _ink_table(paper)
+    fainter = np.maximum if paper > 127 else np.minimum  # the less inked of two levels
     for axis in (0, 1):
         bands = _line_bands(coarse_ink if axis == 0 else coarse_ink.T)
         if len(bands) < 2:
             continue
-        if erased is None:
-            erased, table = pixels.copy(), _ink_table(paper)
-            fainter = np.maximum if paper > 127 else np.minimum  # the less inked of two levels
-        view = erased if axis == 0 else erased.T  # a view: painting it paints `erased`
+        view = pixels if axis == 0 else pixels.T
         height, width = view.shape
+        lines = []
         for start, stop in bands:
             top = max(0, start * factor - 1)
             ink = table[view[top : min(height, stop * factor + 1)]] > 0
-            if np.count_nonzero(ink.any(0)) < LINE_SPAN * width:
-                continue
             # The rows that carry part of the line (a levelled line may still slope a little),
             # and one row more on each side: its anti-aliased fringe.
             rows = top + np.flatnonzero(ink.mean(1) >= LINE_PART)
-            if not len(rows):
-                continue
-            first, last = max(0, rows[0] - 1), min(height - 1, rows[-1] + 1)
-            above, below = view[max(0, first - 1)], view[min(height - 1, last + 1)]
-            view[first : last + 1] = fainter(above, below)
+            if np.count_nonzero(ink.any(0)) >= LINE_SPAN * width and len(rows):
+                lines.append((max(0, rows[0] - 1), min(height - 1, rows[-1] + 1)))
+        if len(lines) < 2 or (len(lines) < MANY_LINES and not _printed_fainter(table[view], lines)):
+            continue
+        if erased is None:
+            erased = pixels.copy()
+        view = erased if axis == 0 else erased.T  # a view: painting it paints `erased`
+        for first, last in lines:
+            view[first : last + 1] = fainter(view[max(0, first - 1)], view[min(height - 1, last + 1)])
     return erased
+
+
+def _printed_fainter(ink: np.ndarray, lines: list[tuple[int, int]]) -> bool:
+    """Whether the rows `lines` (first, last) of `ink` are inked fainter than the rest: ruling
+    printed in a light colour beside dark writing, not the bars of a digit."""
+    on_line = np.zeros(len(ink), dtype=bool)
+    for first, last in lines:
+        on_line[first : last + 1] = True
+    line_ink, rest = ink[on_line], ink[~on_line]
+    line_ink, rest = line_ink[line_ink > 0], rest[rest > 0]
+    if not len(line_ink) or not len(rest):
+        return False
+    return float(np.median(line_ink)) <= LINE_FAINT * float(np.percentile(rest, 90))
 
 
 def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | None:
