@@ -64,6 +64,7 @@ CASES = [
     ("evaluate {export} --dataset cifar", "unknown dataset 'cifar'", 1),
     ("inspect resnet9000", "neither a checkpoint file nor a model name", 1),
     ("compare mlp nope", "unknown model 'nope'", 1),
+    ("compare mlp tinycnn --epochs 0", "--epochs must be positive", 1),
     ("bench infer {bad}/empty-dir", "is not an export dir", 1),
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
     ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),

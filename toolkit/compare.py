@@ -12,7 +12,7 @@ import torch
 
 from toolkit.checkpoint import build_model, load_checkpoint
 from toolkit.fileio import write_json
-from toolkit.models import count_parameters, create_model, get_entry
+from toolkit.models import count_parameters, create_model
 from toolkit.plots import plot_comparison
 from toolkit.train import ProgressFactory, make_config, train
 
@@ -45,13 +45,13 @@ def compare(
     log: Callable[[str], None] = print,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Train each arch with the same data and seed; write compare.json and compare.png."""
-    for arch in archs:
-        get_entry(arch)  # fail on a typo before any training starts
+    # Every config first: a typo or a bad number fails before any training starts.
+    configs = {arch: make_config(arch, recipe, dataset, epochs=epochs, limit_train=limit_train, seed=seed)
+               for arch in archs}
     out_dir = Path(out_dir or Path("reports") / f"compare-{datetime.now():%Y%m%d-%H%M%S}")
     rows, histories = [], {}
-    for arch in archs:
+    for arch, config in configs.items():
         log(f"training {arch}")
-        config = make_config(arch, recipe, dataset, epochs=epochs, limit_train=limit_train, seed=seed)
         result = train(config, data_dir=data_dir, runs_dir=out_dir / "runs", name=arch, device=device,
                        progress=progress, log=log)
         model = build_model(load_checkpoint(result.run_dir / "best.pt"))
