@@ -302,13 +302,11 @@ def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
     other marks is a ruled line (a notebook's margin), not part of the subject. Only for columns:
     the top bar of a 5 drawn across the canvas may stand apart from the rest of it."""
     profile = ink.sum(1, dtype=np.int64)
-    on = np.concatenate([[0], (profile > 0).view(np.int8), [0]])
-    edges = np.flatnonzero(np.diff(on))
-    if not len(edges):
+    starts, stops = _runs(profile > 0)
+    if not len(starts):
         return None
-    starts, stops = edges[::2], edges[1::2]
     mass = np.add.reduceat(profile, starts)  # each run plus the empty gap after it
-    thickest = max(1, round(LINE_THICKNESS * len(profile)))
+    thickest = _thickest_line(ink)
     line = np.array([margins and b - a <= thickest and np.count_nonzero(ink[a:b].any(0)) >= LINE_SPAN * ink.shape[1]
                      for a, b in zip(starts, stops, strict=True)])
     if not line.all():
@@ -317,13 +315,23 @@ def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
     return slice(starts[kept[0]], stops[kept[-1]])
 
 
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and stops of the runs of True in the 1-D `mask`."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
+    return edges[::2], edges[1::2]
+
+
+def _thickest_line(ink: np.ndarray) -> int:
+    """How many rows of `ink` a ruled line may take: LINE_THICKNESS of its height."""
+    return max(1, round(LINE_THICKNESS * ink.shape[0]))
+
+
 def _line_bands(ink: np.ndarray) -> list[tuple[int, int]]:
     """Runs of rows of `ink` inked across LINE_SPAN of its width and at most LINE_THICKNESS of
     its height thick, as (start, stop)."""
-    span = np.count_nonzero(ink, axis=1) >= LINE_SPAN * ink.shape[1]
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], span.view(np.int8), [0]])))
-    thickest = max(1, round(LINE_THICKNESS * ink.shape[0]))
-    return [(a, b) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a <= thickest]
+    starts, stops = _runs(np.count_nonzero(ink, axis=1) >= LINE_SPAN * ink.shape[1])
+    thickest = _thickest_line(ink)
+    return [(a, b) for a, b in zip(starts, stops, strict=True) if b - a <= thickest]
 
 
 def _reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
