@@ -69,6 +69,12 @@ CASES = [
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
     ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),
     ("bench serve {export} --clients 0", "--clients and --requests must be positive", 1),
+    ("bench infer {export} --seconds -1", "--seconds must be positive", 1),
+    ("bench infer {export} --json {bad}", "it is a directory", 1),
+    ("bench train --json {bad}/not-an-image.png/out.json", "cannot write to", 1),
+    ("bench train --notebook-batches 0", "--notebook-batches must be positive", 1),
+    ("bench train --target 99", "--target is a test accuracy between 0 and 1", 1),
+    ("bench serve {export} --malformed-every -1", "Invalid value for '--malformed-every'", 2),
     ("frobnicate", "No such command 'frobnicate'", 2),
 ]
 

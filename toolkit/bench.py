@@ -162,6 +162,8 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
         raise ToolkitError(f"batch sizes must be positive, got {batch_sizes}")
     if rounds < 1:
         raise ToolkitError(f"rounds must be at least 1, got {rounds}")
+    if min_seconds <= 0:
+        raise ToolkitError(f"--seconds must be positive, got {min_seconds}")
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}
@@ -289,10 +291,14 @@ def bench_train(
     from toolkit.data import resolve_data_dir
     from toolkit.train import make_config, train
 
+    if notebook_batches <= 0:
+        raise ToolkitError(f"--notebook-batches must be positive, got {notebook_batches}")
+    if not 0 < target <= 1:
+        raise ToolkitError(f"--target is a test accuracy between 0 and 1 (0.99 for 99%), got {target}")
+    config = make_config(arch, limit_train=limit_train)
     root = resolve_data_dir(data_dir)
     log("notebook loop (DataLoader + transforms, batch 64, SGD)...")
     notebook_ips, notebook_seconds = _notebook_loop_images_per_s(root, arch, notebook_batches)
-    config = make_config(arch, limit_train=limit_train)
     log(f"toolkit loop ({arch} default recipe: {config.optimizer}, batch {config.batch_size}, "
         f"{config.epochs} epochs)...")
     with tempfile.TemporaryDirectory() as runs:

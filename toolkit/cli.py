@@ -403,6 +403,13 @@ def _write_bench_json(path: Path, data: dict) -> None:
     console.print(f"results: {path}")
 
 
+def _check_bench_json(path: Path) -> None:
+    """An unwritable --json path fails before the benchmark, not after minutes of it."""
+    from toolkit.fileio import check_writable
+
+    check_writable(path)
+
+
 @bench_app.command("infer")
 def bench_infer_command(
     export_dir: ExportDirArgument = None,
@@ -423,6 +430,7 @@ def bench_infer_command(
     except ValueError:
         raise ToolkitError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
     export_dir = export_dir or newest_export_dir()
+    _check_bench_json(json_path)
     with console.status("benchmarking...") as status:
         result = bench_infer(export_dir, sizes, threads=threads, min_seconds=seconds, rounds=rounds,
                              progress=lambda what: status.update(f"benchmarking {what}..."))
@@ -448,6 +456,7 @@ def bench_train_command(
     """The toolkit's training loop against the classic DataLoader notebook loop, same machine, same run."""
     from toolkit.bench import bench_train
 
+    _check_bench_json(json_path)
     result = bench_train(arch, data_dir=data_dir, notebook_batches=notebook_batches, limit_train=limit_train,
                          target=target, log=console.print)
     tk, nb = result["toolkit"], result["notebook"]
@@ -474,6 +483,7 @@ def bench_classify_command(
     from toolkit.app import EXAMPLES_DIR
     from toolkit.bench import bench_classify
 
+    _check_bench_json(json_path)
     with console.status("benchmarking..."):
         result = bench_classify(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")),
                                 repeats=repeats, threads=threads)
@@ -492,13 +502,15 @@ def bench_serve_command(
     export_dir: ExportDirArgument = None,
     clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
-    malformed_every: Annotated[int, typer.Option(help="Send a corrupt image every N requests (0: never).")] = 0,
+    malformed_every: Annotated[int, typer.Option(
+        min=0, help="Send a corrupt image every N requests (0: never).")] = 0,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
     """Start the demo server and drive concurrent gradio_client callers at it."""
     from toolkit.app import EXAMPLES_DIR
     from toolkit.bench import bench_serve
 
+    _check_bench_json(json_path)
     result = bench_serve(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
                          requests=requests, malformed_every=malformed_every, log=console.print)
     console.print(

@@ -14,17 +14,31 @@ from typing import Any
 from toolkit.errors import ToolkitError
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it over `target` only on success."""
-    target = Path(target)
+def _temp_file_beside(target: Path) -> Path:
+    """Create an empty temporary file in `target`'s folder (made if missing), or fail clearly."""
+    if target.is_dir():
+        raise ToolkitError(f"cannot write {target}: it is a directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def check_writable(target: str | Path) -> Path:
+    """Fail now, before long work, if `target` could not be written when the work is done."""
+    target = Path(target)
+    _temp_file_beside(target).unlink()
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` only on success."""
+    target = Path(target)
+    tmp = _temp_file_beside(target)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
