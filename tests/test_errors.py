@@ -50,6 +50,7 @@ CASES = [
     ("export {export}/model.pt --opset 7 --out {bad}/out", "unsupported --opset 7", 1),
     ("export {export}/model.pt --quantize int4 --out {bad}/out", "unsupported --quantize 'int4'", 1),
     ("export {export}/model.pt --format pdf", "Invalid value for '--format'", 2),
+    ("export {export}/model.pt --out {bad}/not-an-image.png", "exists and is not a folder", 1),
     ("export --runs-dir {bad}/empty-dir", "no checkpoint found under", 1),
     ("verify {bad}/missing", "export dir not found", 1),
     ("verify {bad}/no-manifest", "has no manifest.json", 1),
@@ -65,6 +66,9 @@ CASES = [
     ("inspect resnet9000", "neither a checkpoint file nor a model name", 1),
     ("compare mlp nope", "unknown model 'nope'", 1),
     ("compare mlp tinycnn --epochs 0", "--epochs must be positive", 1),
+    ("train lenet --optimizer sgd --momentum 5", "--momentum must be in [0, 1)", 1),
+    ("train lenet --momentum 0.5", "--momentum applies to --optimizer sgd only", 1),
+    ("train lenet --name ../elsewhere", "--name must be a plain folder name", 1),
     ("bench infer {bad}/empty-dir", "is not an export dir", 1),
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
     ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),
@@ -96,3 +100,12 @@ def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
     assert result.returncode == 0
     rows = json.loads(result.stdout)
     assert "error" in rows[0] and rows[1]["label"] == example_label(good)
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir):
+    before = sorted(p.relative_to(bad) for p in bad.rglob("*"))
+    result = run_cli("export", export_dir / "model.pt", "--out", bad)
+    assert result.returncode == 1
+    assert "not a toolkit export (no manifest.json); refusing to replace it" in result.stderr
+    assert sorted(p.relative_to(bad) for p in bad.rglob("*")) == before
+    assert not list(bad.parent.glob(f".{bad.name}.*"))

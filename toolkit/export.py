@@ -253,6 +253,7 @@ def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
 def staged_directory(target: str | Path) -> Iterator[Path]:
     """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds."""
     target = Path(target)
+    _check_replaceable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_stages(target)
@@ -270,6 +271,18 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise ToolkitError(f"cannot write export to {target}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_replaceable(target: Path) -> None:
+    """Only a previous export (it holds manifest.json) or an empty folder may be replaced, so a
+    mistyped `--out .` or `--out ~/Documents` fails instead of deleting what is there."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ToolkitError(f"{target} exists and is not a folder; choose another --out")
+    if not (target / "manifest.json").is_file() and any(target.iterdir()):
+        raise ToolkitError(f"{target} is a folder but not a toolkit export (no manifest.json); refusing to "
+                           "replace it, choose a new or empty --out")
 
 
 def _remove_abandoned_stages(target: Path) -> None:

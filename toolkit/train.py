@@ -66,6 +66,8 @@ class TrainConfig:
             raise ToolkitError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
         if not self.std > 0:
             raise ToolkitError(f"normalization std must be positive, got {self.std}")
+        if not 0 <= self.momentum < 1:
+            raise ToolkitError(f"--momentum must be in [0, 1), got {self.momentum}")
 
 
 def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **overrides: Any) -> TrainConfig:
@@ -83,6 +85,8 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **ov
         augment=chosen.augment, recipe=recipe,
     )
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("momentum") is not None and config.optimizer != "sgd":
+        raise ToolkitError(f"--momentum applies to --optimizer sgd only, this run uses {config.optimizer}")
     config.validate()
     return config
 
@@ -251,6 +255,8 @@ def train(
         start_epoch = int(resume_checkpoint["epoch"])
         history = list(resume_checkpoint["metrics"]["history"])
     else:
+        if name and (Path(name).name != name or name in (".", "..")):
+            raise ToolkitError(f"--name must be a plain folder name (no '/' or '..'), got {name!r}")
         run_dir = Path(runs_dir) / (name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}")
     config.validate()
     torch_device = resolve_device(device)
