@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,22 @@ def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
     assert result.returncode == 0
     rows = json.loads(result.stdout)
     assert "error" in rows[0] and rows[1]["label"] == example_label(good)
+
+
+def test_predict_takes_folders_of_images(tmp_path, export_dir):
+    examples = sorted((REPO / "demo" / "examples").glob("*.png"))
+    (tmp_path / "scans" / "more").mkdir(parents=True)
+    for index, path in enumerate(examples):
+        shutil.copy(path, tmp_path / "scans" / ("more" if index % 2 else ".") / path.name)
+    (tmp_path / "scans" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    result = run_cli("predict", tmp_path / "scans", tmp_path / "empty", "--model", export_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [Path(r["file"]).name for r in rows[:-1]] == [p.name for p in sorted(
+        (tmp_path / "scans").rglob("*.png"))]
+    assert sum(r["label"] == example_label(Path(r["file"])) for r in rows[:-1]) >= 0.8 * len(examples)
+    assert rows[-1] == {"file": str(tmp_path / "empty"), "error": "no image files in this folder"}
 
 
 def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir):

@@ -241,7 +241,8 @@ IntegrityOption = Annotated[
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files, any size, dark-on-light or light-on-dark.")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files (PNG, JPEG, ...; any size, dark-on-light or light-on-dark) or folders of them.")],
     model: ModelOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
@@ -251,7 +252,7 @@ def predict(
 ) -> None:
     """Classify image files through the same preprocessing as the demo.
 
-    Example: toolkit predict my-digit.png --top-k 3 --json
+    Example: toolkit predict my-digit.png scans/ --top-k 3 --json
     """
     from toolkit.inference import classify_files
     from toolkit.runtime import Predictor

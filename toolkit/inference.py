@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import preprocess
@@ -45,12 +46,25 @@ def classify(predictor: Predictor, image: Any, top_k: int = 3) -> Classification
     )
 
 
+def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Each path as given, except that a folder stands for the image files under it, sorted
+    (an empty one stays itself, so it is reported rather than silently skipped)."""
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    for path in map(Path, paths):
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file()) \
+            if path.is_dir() else []
+        yield from found or [path]
+
+
 def classify_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int = 3) -> list[dict[str, Any]]:
-    """One result per file, in order; an unreadable file gets `error` and does not stop the rest."""
+    """One result per image file, in order (folders expanded by `image_files`); an unreadable
+    file gets `error` and does not stop the rest."""
     results = []
-    for path in paths:
+    for path in image_files(paths):
         try:
-            results.append({"file": str(path), **classify(predictor, Path(path), top_k).to_json()})
+            if path.is_dir():
+                raise ToolkitError("no image files in this folder")
+            results.append({"file": str(path), **classify(predictor, path, top_k).to_json()})
         except ToolkitError as exc:
             results.append({"file": str(path), "error": str(exc)})
     return results
