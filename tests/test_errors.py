@@ -65,6 +65,7 @@ CASES = [
     ("evaluate {bad}/foreign.pt", "not a toolkit checkpoint", 1),
     ("evaluate {export} --dataset cifar", "unknown dataset 'cifar'", 1),
     ("inspect resnet9000", "neither a checkpoint file nor a model name", 1),
+    ("inspect {bad}/empty-dir", "is a folder with no checkpoint in it", 1),
     ("compare mlp nope", "unknown model 'nope'", 1),
     ("compare mlp tinycnn --epochs 0", "--epochs must be positive", 1),
     ("train lenet --optimizer sgd --momentum 5", "--momentum must be in [0, 1)", 1),

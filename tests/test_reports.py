@@ -14,9 +14,9 @@ def _is_png(path):
         return image.format == "PNG"
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "export"])
+@pytest.mark.parametrize("source", ["checkpoint", "run-dir", "export"])
 def test_evaluate_reports_agree_with_verify(trained_run, export_dir, tmp_path, source):
-    model = trained_run / "best.pt" if source == "checkpoint" else export_dir
+    model = {"checkpoint": trained_run / "best.pt", "run-dir": trained_run, "export": export_dir}[source]
     result = run_cli("evaluate", model, "--out", tmp_path / "report", "--provider", "cpu")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"report directory: {tmp_path / 'report'}"
@@ -26,7 +26,7 @@ def test_evaluate_reports_agree_with_verify(trained_run, export_dir, tmp_path, s
     assert np.trace(matrix) / matrix.sum() == pytest.approx(report["accuracy"])
     parity = json.loads((export_dir / "parity.json").read_text())
     backend = parity["backends"]["onnxruntime-cpu"]
-    expected = parity["reference_accuracy"] if source == "checkpoint" else backend["accuracy"]
+    expected = backend["accuracy"] if source == "export" else parity["reference_accuracy"]
     assert report["accuracy"] == pytest.approx(expected)
     assert set(report["per_class"]["3"]) == {"precision", "recall", "f1", "support"}
     assert all(_is_png(tmp_path / "report" / name) for name in ("confusion.png", "mistakes.png"))
@@ -47,8 +47,10 @@ def test_evaluate_on_fashion_mnist_is_allowed_but_honest(trained_run, tmp_path):
     assert report["dataset"] == "fashion-mnist" and report["accuracy"] < 0.5  # a digit model on clothes
 
 
-def test_inspect_checkpoint_draws_filters_and_feature_maps(trained_run, tmp_path):
-    result = run_cli("inspect", trained_run / "best.pt", "--out", tmp_path)
+@pytest.mark.parametrize("source", ["checkpoint", "run-dir", "export-dir"])
+def test_inspect_checkpoint_draws_filters_and_feature_maps(trained_run, export_dir, tmp_path, source):
+    target = {"checkpoint": trained_run / "best.pt", "run-dir": trained_run, "export-dir": export_dir}[source]
+    result = run_cli("inspect", target, "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "inspect.json").read_text())
     assert report["total_parameters"] == 61_706

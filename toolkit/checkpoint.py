@@ -46,11 +46,22 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     return write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and validate a toolkit checkpoint, with a clear error for anything else."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint a path names: a run dir stands for its best.pt, an export dir for its model.pt."""
     path = Path(path)
-    if path.is_dir():
-        raise ToolkitError(f"{path} is a directory; pass a checkpoint file such as {path}/best.pt")
+    if not path.is_dir():
+        return path
+    for name in ("best.pt", "model.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise ToolkitError(f"{path} is a folder with no checkpoint in it (best.pt of a run or model.pt of an "
+                       f"export); pass a checkpoint file")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a toolkit checkpoint (a run or export dir stands for its checkpoint),
+    with a clear error for anything else."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise ToolkitError(f"checkpoint not found: {path}")
     other = _other_artifact(path)

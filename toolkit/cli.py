@@ -133,7 +133,8 @@ AccDropOption = Annotated[
 @app.command()
 def export(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="A checkpoint (default: best.pt of the newest run under --runs-dir).")
+        Path | None, typer.Argument(help="A checkpoint, or a run dir for its best.pt (default: best.pt of the "
+                                    "newest run under --runs-dir).")
     ] = None,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="What to write.")] = ExportFormat.onnx,
     out: Annotated[Path | None, typer.Option(help="Export dir (default: exports/RUN_NAME).")] = None,
@@ -151,13 +152,14 @@ def export(
 
     Example: toolkit export runs/lenet-demo/best.pt --format all --quantize int8
     """
-    from toolkit.checkpoint import newest_run_checkpoint
+    from toolkit.checkpoint import checkpoint_file, newest_run_checkpoint
     from toolkit.export import ExportOptions, export_checkpoint, staged_directory
     from toolkit.verify import attach_parity
 
     if checkpoint is None:
         checkpoint = newest_run_checkpoint(runs_dir)
         console.print(f"using the newest run's checkpoint: {checkpoint}")
+    checkpoint = checkpoint_file(checkpoint)
     out = out or Path("exports") / checkpoint.resolve().parent.name
     options = ExportOptions(
         formats=(format.value,), opset=opset, quantize=quantize, fp16=fp16, data_dir=data_dir,
@@ -303,7 +305,8 @@ def demo(
 @app.command()
 def evaluate(
     model: Annotated[
-        Path | None, typer.Argument(help="Checkpoint, export dir or .onnx file (default: newest run's best.pt).")
+        Path | None, typer.Argument(
+            help="Checkpoint or run dir, export dir or .onnx file (default: newest run's best.pt).")
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Evaluate on another 28x28 10-class dataset.")] = None,
     data_dir: DataDirOption = None,
@@ -333,7 +336,8 @@ def evaluate(
 @app.command("inspect")
 def inspect_command(
     target: Annotated[
-        str | None, typer.Argument(help="Checkpoint path or zoo model name (default: newest run's best.pt).")
+        str | None, typer.Argument(
+            help="Checkpoint (or a run or export dir) or zoo model name (default: newest run's best.pt).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default: reports/NAME).")] = None,
     data_dir: DataDirOption = None,

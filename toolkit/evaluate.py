@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.checkpoint import build_deployable, load_checkpoint
+from toolkit.checkpoint import build_deployable, checkpoint_file, load_checkpoint
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
@@ -33,9 +33,9 @@ class ScoringModel:
 
 
 def load_scoring_model(path: str | Path, provider: str = "auto") -> ScoringModel:
-    """A checkpoint (.pt), an export dir or an .onnx file."""
+    """A checkpoint (.pt) or run dir, an export dir (its model.onnx) or an .onnx file."""
     path = Path(path)
-    if path.is_dir() or path.suffix == ".onnx":
+    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
         from toolkit.runtime import Predictor
 
         predictor = Predictor(path, provider=provider)
@@ -45,6 +45,7 @@ def load_scoring_model(path: str | Path, provider: str = "auto") -> ScoringModel
         name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
                             list(meta["class_names"]), lambda x: predictor.run(x)[0])
+    path = checkpoint_file(path)
     checkpoint = load_checkpoint(path)
     model = build_deployable(checkpoint)
 

@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.checkpoint import build_deployable, library_versions, load_checkpoint, save_checkpoint
+from toolkit.checkpoint import (
+    build_deployable,
+    checkpoint_file,
+    library_versions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
 from toolkit.preprocess import Framing
@@ -201,6 +207,7 @@ def export_checkpoint(
     """Write every requested artifact and `manifest.json` into `out_dir`; return the manifest."""
     options.validate()
     out_dir = Path(out_dir)
+    checkpoint_path = checkpoint_file(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint_sha = sha256_file(checkpoint_path)
     model = build_deployable(checkpoint)

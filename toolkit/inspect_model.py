@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from toolkit.checkpoint import build_model, load_checkpoint
+from toolkit.checkpoint import build_model, checkpoint_file, load_checkpoint
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
@@ -86,8 +86,9 @@ def inspect_model(
         spec = get_dataset("mnist")
         dataset, mean, std = spec.name, spec.mean, spec.std
     elif Path(target).exists():
-        checkpoint = load_checkpoint(target)
-        name, trained = Path(target).resolve().parent.name, True
+        path = checkpoint_file(target)
+        checkpoint = load_checkpoint(path)
+        name, trained = path.resolve().parent.name, True
         model, dataset = build_model(checkpoint), checkpoint["dataset"]
         mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     else:
