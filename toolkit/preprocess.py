@@ -41,6 +41,8 @@ LINE_THICKNESS = 0.025  # ruled lines are at most this share of the picture thic
 MANY_LINES = 4  # this many parallel lines across the picture are ruling, whatever their ink
 LINE_FAINT = 0.9  # fewer lines are ruling when their ink is at most this share of the writing's
 LINE_PART = 0.3  # a full-resolution row inked across this share of the picture carries part of a line
+FRAME_THICKNESS = 0.1  # a box drawn around the subject has sides at most this share of it thick
+MIN_FRAMED = 0.3  # ink inside such a box is the subject when it spans this share of the inside
 MAX_TILT = 5.0  # degrees: ruled lines in a photo of a page held roughly level
 TILT_STEP = 0.5  # a line this far off a tried angle drifts under one row across the reduced copy
 STROKE_SCALE = 4  # stroke widths are measured with the subject drawn 4x its size in the frame
@@ -296,6 +298,39 @@ def _subject_box(ink: np.ndarray) -> tuple[slice, slice] | None:
     return None if rows is None or cols is None else (rows, cols)
 
 
+def _inside_frame(ink: np.ndarray) -> tuple[slice, slice] | None:
+    """The inside of a box drawn around the subject, when `ink` (cropped to its marks) is one:
+    four thin sides along its edges, an empty gap within them all round, and ink in the middle
+    that spans MIN_FRAMED of the inside. A boxy 0 has nothing inside; the bars of a boxy 6, 8
+    or 9 touch the sides."""
+    sides = [_frame_side(ink), _frame_side(ink[::-1]), _frame_side(ink.T), _frame_side(ink.T[::-1])]
+    if None in sides:
+        return None
+    top, bottom, left, right = sides
+    # One more row or column is the anti-aliased fringe of the side.
+    inside = (slice(top + 1, ink.shape[0] - bottom - 1), slice(left + 1, ink.shape[1] - right - 1))
+    box = _ink_box(ink[inside])
+    if box is None:
+        return None
+    height, width = ink[inside].shape
+    gap = min(box[0].start, box[1].start, height - box[0].stop, width - box[1].stop)
+    spans = max((box[0].stop - box[0].start) / height, (box[1].stop - box[1].start) / width)
+    if gap < 1 or spans < MIN_FRAMED:
+        return None
+    return tuple(slice(s.start + box.start, s.start + box.stop) for s, box in zip(inside, box, strict=True))
+
+
+def _frame_side(ink: np.ndarray) -> int | None:
+    """How many rows thick the side of a box along the top of `ink` is, or None when there is
+    none: a run of rows, starting within the first two, each inked across LINE_SPAN of `ink`."""
+    full = np.count_nonzero(ink[: max(3, round(FRAME_THICKNESS * ink.shape[0])) + 2], axis=1) \
+        >= LINE_SPAN * ink.shape[1]
+    starts, stops = _runs(full)
+    if not len(starts) or starts[0] > 1 or stops[0] > max(2, round(FRAME_THICKNESS * min(ink.shape))) + 1:
+        return None
+    return int(stops[0])
+
+
 def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
     """The rows of `ink` from the first to the last run of inked rows that holds at least MIN_PART
     of the heaviest run's ink. With `margins`, a thin run inked across the whole picture beside
@@ -457,6 +492,9 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     coarse = _subject_box(coarse_ink)
     if coarse is None:
         return None
+    # A box drawn around the digit (or boxes: a double line) is left out; each is smaller.
+    while (framed := _inside_frame(coarse_ink[coarse])) is not None:
+        coarse = tuple(slice(s.start + f.start, s.start + f.stop) for s, f in zip(coarse, framed, strict=True))
     rows, cols = (slice(max(0, (s.start - 1) * factor), (s.stop + 1) * factor) for s in coarse)
     ink = _ink_table(paper)[pixels[rows, cols]]  # one reduced pixel of margin: reduction blurs edges
     if np.count_nonzero(ink > INK_LEVEL) < max(MIN_INK_PIXELS, MIN_INK_FRACTION * pixels.size):
