@@ -303,9 +303,11 @@ def _inside_frame(ink: np.ndarray) -> tuple[slice, slice] | None:
     four thin sides along its edges, an empty gap within them all round, and ink in the middle
     that spans MIN_FRAMED of the inside. A boxy 0 has nothing inside; the bars of a boxy 6, 8
     or 9 touch the sides."""
-    sides = [_frame_side(ink), _frame_side(ink[::-1]), _frame_side(ink.T), _frame_side(ink.T[::-1])]
-    if None in sides:
-        return None
+    sides = []
+    for side in (ink, ink[::-1], ink.T, ink.T[::-1]):  # top, bottom, left, right
+        sides.append(_frame_side(side))
+        if sides[-1] is None:  # most subjects fail at the first side
+            return None
     top, bottom, left, right = sides
     # One more row or column is the anti-aliased fringe of the side.
     inside = (slice(top + 1, ink.shape[0] - bottom - 1), slice(left + 1, ink.shape[1] - right - 1))
@@ -320,15 +322,30 @@ def _inside_frame(ink: np.ndarray) -> tuple[slice, slice] | None:
     return tuple(slice(s.start + box.start, s.start + box.stop) for s, box in zip(inside, box, strict=True))
 
 
+def _loosely_framed(ink: np.ndarray) -> bool:
+    """Whether ink near each edge of `ink` runs along LINE_SPAN of it, as the sides of a box do
+    even off level, and the band within it does not (a solid shape's does): worth the search
+    for a tilt that would level the sides."""
+    def along(side: np.ndarray) -> bool:
+        depth = round(FRAME_THICKNESS * side.shape[0]) + 2
+        edge, within = (np.count_nonzero(band.any(0)) >= LINE_SPAN * side.shape[1]
+                        for band in (side[:depth], side[depth : 2 * depth]))
+        return edge and not within
+
+    return all(along(side) for side in (ink, ink[::-1], ink.T, ink.T[::-1]))
+
+
 def _frame_side(ink: np.ndarray) -> int | None:
     """How many rows thick the side of a box along the top of `ink` is, or None when there is
-    none: a run of rows, starting within the first two, each inked across LINE_SPAN of `ink`."""
-    full = np.count_nonzero(ink[: max(3, round(FRAME_THICKNESS * ink.shape[0])) + 2], axis=1) \
-        >= LINE_SPAN * ink.shape[1]
-    starts, stops = _runs(full)
-    if not len(starts) or starts[0] > 1 or stops[0] > max(2, round(FRAME_THICKNESS * min(ink.shape))) + 1:
+    none: a run of rows, starting within the first two, each inked across LINE_SPAN of `ink`,
+    at most FRAME_THICKNESS of it thick (and a row of fringe)."""
+    deepest = max(2, round(FRAME_THICKNESS * min(ink.shape))) + 1
+    full = np.count_nonzero(ink[: deepest + 2], axis=1) >= LINE_SPAN * ink.shape[1]
+    start = 0 if full[0] else 1
+    if len(full) < deepest + 2 or not full[start]:
         return None
-    return int(stops[0])
+    stop = start + int(np.argmin(full[start:]))
+    return stop if start < stop <= deepest else None
 
 
 def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
@@ -376,15 +393,22 @@ def _reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 def _line_tilt(coarse_ink: np.ndarray) -> float | None:
     """The angle in degrees (counter-clockwise) that levels two or more thin bands crossing the
-    picture within MAX_TILT of horizontal, or None. Tried only when some ink spans the width.
-
-    The angle is the one whose row sums are most uneven (the projection-profile method of
-    document deskewing): lines run level, so their ink piles up in few rows.
-    """
+    picture within MAX_TILT of horizontal, or None. Tried only when some ink spans the width."""
     inked = coarse_ink > 0
-    height, width = inked.shape
-    if np.count_nonzero(inked.any(0)) < LINE_SPAN * width:
+    if np.count_nonzero(inked.any(0)) < LINE_SPAN * inked.shape[1]:
         return None
+    angle, level = _levelling_tilt(inked)
+    return angle if angle and len(_line_bands(level)) >= 2 else None
+
+
+def _levelling_tilt(inked: np.ndarray) -> tuple[float, np.ndarray]:
+    """The angle within MAX_TILT (degrees, counter-clockwise) whose row sums of `inked` are most
+    uneven, and `inked` sheared level by it (a line that steps between two rows fills both).
+
+    This is the projection-profile method of document deskewing: lines run level, so their
+    ink piles up in few rows.
+    """
+    height, width = inked.shape
     pad = int(np.ceil(width * np.tan(np.radians(MAX_TILT)))) + 1
     padded = np.pad(inked, ((pad, pad), (0, 0)))
     rows, cols = np.arange(height)[:, None] + pad, np.arange(width)
@@ -399,13 +423,10 @@ def _line_tilt(coarse_ink: np.ndarray) -> float | None:
     per_row = np.bincount(sheared_rows.ravel(), minlength=len(angles) * (height + 2 * pad))
     unevenness = np.square(per_row.reshape(len(angles), -1), dtype=np.float64).sum(1)
     best = int(np.argmax(unevenness))
-    angle = float(angles[best])
-    if angle == 0:
-        return None
-    # Sample each column `shift` rows lower: a line falling at `angle` to the right runs level.
+    # Sample each column `shift` rows lower: a line falling at the angle to the right runs level.
     level = padded[rows + shifts[best], cols]
-    level[1:] |= level[:-1].copy()  # a line that steps between two rows
-    return angle if len(_line_bands(level)) >= 2 else None
+    level[1:] |= level[:-1].copy()
+    return float(angles[best]), level
 
 
 def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, paper: int) -> np.ndarray | None:
@@ -492,9 +513,20 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     coarse = _subject_box(coarse_ink)
     if coarse is None:
         return None
+    framed = _inside_frame(coarse_ink[coarse])
+    if framed is None and _loosely_framed(coarse_ink[coarse]):
+        tilt, _ = _levelling_tilt(coarse_ink[coarse] > 0)  # a box photographed off level?
+        if tilt:
+            level = np.asarray(Image.fromarray(pixels).rotate(tilt, Image.Resampling.BILINEAR, fillcolor=paper))
+            level_ink = coarse_table[_reduce(level, factor)]
+            level_box = _subject_box(level_ink)
+            framed = None if level_box is None else _inside_frame(level_ink[level_box])
+            if framed is not None:
+                pixels, coarse_ink, coarse = level, level_ink, level_box
     # A box drawn around the digit (or boxes: a double line) is left out; each is smaller.
-    while (framed := _inside_frame(coarse_ink[coarse])) is not None:
+    while framed is not None:
         coarse = tuple(slice(s.start + f.start, s.start + f.stop) for s, f in zip(coarse, framed, strict=True))
+        framed = _inside_frame(coarse_ink[coarse])
     rows, cols = (slice(max(0, (s.start - 1) * factor), (s.stop + 1) * factor) for s in coarse)
     ink = _ink_table(paper)[pixels[rows, cols]]  # one reduced pixel of margin: reduction blurs edges
     if np.count_nonzero(ink > INK_LEVEL) < max(MIN_INK_PIXELS, MIN_INK_FRACTION * pixels.size):
