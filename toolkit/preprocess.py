@@ -319,7 +319,12 @@ def _inside_frame(ink: np.ndarray) -> tuple[slice, slice] | None:
     spans = max((box[0].stop - box[0].start) / height, (box[1].stop - box[1].start) / width)
     if gap < 1 or spans < MIN_FRAMED:
         return None
-    return tuple(slice(s.start + box.start, s.start + box.stop) for s, box in zip(inside, box, strict=True))
+    return _within(inside, box)
+
+
+def _within(outer: tuple[slice, slice], inner: tuple[slice, slice]) -> tuple[slice, slice]:
+    """The box `inner`, given within the crop `outer`, in the coordinates `outer` is given in."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
 
 
 def _loosely_framed(ink: np.ndarray) -> bool:
@@ -505,7 +510,7 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     unlined = _erase_ruled_lines(pixels, coarse_ink, factor, paper)
     tilt = None if unlined is not None else _line_tilt(coarse_ink)
     if tilt is not None:  # a photo of a page not held level: level it, then erase its lines
-        level = np.asarray(Image.fromarray(pixels).rotate(tilt, Image.Resampling.BILINEAR, fillcolor=paper))
+        level = _rotated(pixels, tilt, paper)
         unlined = _erase_ruled_lines(level, coarse_table[_reduce(level, factor)], factor, paper)
     if unlined is not None:
         pixels = unlined
@@ -517,7 +522,7 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     if framed is None and _loosely_framed(coarse_ink[coarse]):
         tilt, _ = _levelling_tilt(coarse_ink[coarse] > 0)  # a box photographed off level?
         if tilt:
-            level = np.asarray(Image.fromarray(pixels).rotate(tilt, Image.Resampling.BILINEAR, fillcolor=paper))
+            level = _rotated(pixels, tilt, paper)
             level_ink = coarse_table[_reduce(level, factor)]
             level_box = _subject_box(level_ink)
             framed = None if level_box is None else _inside_frame(level_ink[level_box])
@@ -525,7 +530,7 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
                 pixels, coarse_ink, coarse = level, level_ink, level_box
     # A box drawn around the digit (or boxes: a double line) is left out; each is smaller.
     while framed is not None:
-        coarse = tuple(slice(s.start + f.start, s.start + f.stop) for s, f in zip(coarse, framed, strict=True))
+        coarse = _within(coarse, framed)
         framed = _inside_frame(coarse_ink[coarse])
     rows, cols = (slice(max(0, (s.start - 1) * factor), (s.stop + 1) * factor) for s in coarse)
     ink = _ink_table(paper)[pixels[rows, cols]]  # one reduced pixel of margin: reduction blurs edges
@@ -541,6 +546,11 @@ def preprocess(image: Any, framing: Framing = MNIST_FRAMING) -> np.ndarray | Non
     digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS, reducing_gap=4.0), dtype=np.float32)
     digit /= max(float(digit.max()), 1.0)  # MNIST strokes are saturated
     return _place(digit, framing.centre)
+
+
+def _rotated(pixels: np.ndarray, degrees: float, paper: int) -> np.ndarray:
+    """`pixels` turned `degrees` counter-clockwise about the centre, corners filled with paper."""
+    return np.asarray(Image.fromarray(pixels).rotate(degrees, Image.Resampling.BILINEAR, fillcolor=paper))
 
 
 def _scaled_size(image: Image.Image, long_side: int) -> tuple[int, int]:
