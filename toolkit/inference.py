@@ -51,8 +51,9 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
     (an empty one stays itself, so it is reported rather than silently skipped)."""
     readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     for path in map(Path, paths):
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file()) \
-            if path.is_dir() else []
+        found = []
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file())
         yield from found or [path]
 
 
