@@ -57,6 +57,8 @@ CASES = [
     ("verify {bad}/no-manifest", "has no manifest.json", 1),
     ("predict {bad}/not-an-image.png --model {bad}/missing", "no ONNX model at", 1),
     ("predict {bad}/not-an-image.png --model {bad}/corrupt.onnx", "is not a valid ONNX model", 1),
+    ("predict {bad}/not-an-image.png --model {export}/model.pt", "is a PyTorch file, not an ONNX model", 1),
+    ("verify {export} --atol -1", "Invalid value for '--atol'", 2),
     ("predict {bad}/not-an-image.png --model {export} --provider cuda", "CUDA is not usable", 1),
     ("predict {bad}/not-an-image.png --model {export} --top-k 0", "Invalid value for '--top-k'", 2),
     ("predict {bad}/not-an-image.png --model {export} --threads 0", "Invalid value for '--threads'", 2),

@@ -123,10 +123,10 @@ class ExportFormat(str, Enum):
 
 RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]
 ExportDirArgument = Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")]
-AtolOption = Annotated[float, typer.Option(help="Absolute logit tolerance for fp32 backends.")]
-RtolOption = Annotated[float, typer.Option(help="Relative logit tolerance for fp32 backends.")]
+AtolOption = Annotated[float, typer.Option(min=0, help="Absolute logit tolerance for fp32 backends.")]
+RtolOption = Annotated[float, typer.Option(min=0, help="Relative logit tolerance for fp32 backends.")]
 AccDropOption = Annotated[
-    float, typer.Option(help="Largest accuracy drop (points) allowed for int8/fp16 models.")
+    float, typer.Option(min=0, help="Largest accuracy drop (points) allowed for int8/fp16 models.")
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,9 @@ def resolve_onnx_path(model: str | Path) -> Path:
         path = path / "model.onnx"
     if not path.is_file():
         raise ToolkitError(f"no ONNX model at {path}; run `toolkit export` first or pass a .onnx file")
+    if zipfile.is_zipfile(path):  # what torch.save and torch.jit.save write
+        raise ToolkitError(f"{path} is a PyTorch file, not an ONNX model; export it (`toolkit export {path}`) "
+                           "and pass the export dir")
     return path
 
 
