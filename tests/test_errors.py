@@ -69,6 +69,7 @@ CASES = [
     ("inspect resnet9000", "neither a checkpoint file nor a model name", 1),
     ("inspect {bad}/empty-dir", "is a folder with no checkpoint in it", 1),
     ("compare mlp nope", "unknown model 'nope'", 1),
+    ("compare mlp tinycnn mlp", "named more than once: mlp", 1),
     ("compare mlp tinycnn --epochs 0", "--epochs must be positive", 1),
     ("train lenet --optimizer sgd --momentum 5", "--momentum must be in [0, 1)", 1),
     ("train lenet --momentum 0.5", "--momentum applies to --optimizer sgd only", 1),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from toolkit.checkpoint import build_model, load_checkpoint
+from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.models import count_parameters, create_model
 from toolkit.plots import plot_comparison
@@ -45,6 +46,9 @@ def compare(
     log: Callable[[str], None] = print,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Train each arch with the same data and seed; write compare.json and compare.png."""
+    repeated = sorted({arch for arch in archs if archs.count(arch) > 1})
+    if repeated:
+        raise ToolkitError(f"each model is compared once; named more than once: {', '.join(repeated)}")
     # Every config first: a typo or a bad number fails before any training starts.
     configs = {arch: make_config(arch, recipe, dataset, epochs=epochs, limit_train=limit_train, seed=seed)
                for arch in archs}

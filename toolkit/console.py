@@ -37,6 +37,8 @@ def epoch_progress() -> Iterator[Callable[[int, int], Callable[[float, float], N
     )
 
     def start(epoch: int, total: int) -> Callable[[float, float], None]:
+        if not progress.live.is_started:  # started with the first epoch: an early error prints no blank line
+            progress.start()
         for task in progress.task_ids:
             progress.remove_task(task)
         task = progress.add_task("train", total=total, epoch=epoch, loss=0.0, acc=0.0)
@@ -51,8 +53,11 @@ def epoch_progress() -> Iterator[Callable[[int, int], Callable[[float, float], N
 
         return update
 
-    with progress:
+    try:
         yield start
+    finally:
+        if progress.live.is_started:  # stopping prints a line when output is not a terminal
+            progress.stop()
 
 
 def parity_table(report: ParityReport) -> Table:
