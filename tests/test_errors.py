@@ -130,3 +130,10 @@ def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir):
     assert "not a toolkit export (no manifest.json); refusing to replace it" in result.stderr
     assert sorted(p.relative_to(bad) for p in bad.rglob("*")) == before
     assert not list(bad.parent.glob(f".{bad.name}.*"))
+
+
+@pytest.mark.parametrize("command", ["compare mlp tinycnn mlp", "train lenet --name ../elsewhere"])
+def test_an_error_before_training_prints_nothing_but_the_error(command):
+    result = run_cli(*command.split())
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert result.stdout == ""  # no progress display was started, so no blank line from it either
