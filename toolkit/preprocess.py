@@ -304,7 +304,7 @@ def _inside_frame(ink: np.ndarray) -> tuple[slice, slice] | None:
     that spans MIN_FRAMED of the inside. A boxy 0 has nothing inside; the bars of a boxy 6, 8
     or 9 touch the sides."""
     sides = []
-    for side in (ink, ink[::-1], ink.T, ink.T[::-1]):  # top, bottom, left, right
+    for side in _four_sides(ink):
         sides.append(_frame_side(side))
         if sides[-1] is None:  # most subjects fail at the first side
             return None
@@ -333,11 +333,19 @@ def _loosely_framed(ink: np.ndarray) -> bool:
     for a tilt that would level the sides."""
     def along(side: np.ndarray) -> bool:
         depth = round(FRAME_THICKNESS * side.shape[0]) + 2
-        edge, within = (np.count_nonzero(band.any(0)) >= LINE_SPAN * side.shape[1]
-                        for band in (side[:depth], side[depth : 2 * depth]))
-        return edge and not within
+        return _spans_across(side[:depth]) and not _spans_across(side[depth : 2 * depth])
 
-    return all(along(side) for side in (ink, ink[::-1], ink.T, ink.T[::-1]))
+    return all(along(side) for side in _four_sides(ink))
+
+
+def _four_sides(ink: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Views of `ink` turned so that each of its sides in turn (top, bottom, left, right) is on top."""
+    return ink, ink[::-1], ink.T, ink.T[::-1]
+
+
+def _spans_across(band: np.ndarray) -> bool:
+    """Whether the ink in the rows `band` covers LINE_SPAN of its width, as a line across it does."""
+    return np.count_nonzero(band.any(0)) >= LINE_SPAN * band.shape[1]
 
 
 def _frame_side(ink: np.ndarray) -> int | None:
@@ -345,9 +353,11 @@ def _frame_side(ink: np.ndarray) -> int | None:
     none: a run of rows, starting within the first two, each inked across LINE_SPAN of `ink`,
     at most FRAME_THICKNESS of it thick (and a row of fringe)."""
     deepest = max(2, round(FRAME_THICKNESS * min(ink.shape))) + 1
+    if len(ink) < deepest + 2:
+        return None
     full = np.count_nonzero(ink[: deepest + 2], axis=1) >= LINE_SPAN * ink.shape[1]
     start = 0 if full[0] else 1
-    if len(full) < deepest + 2 or not full[start]:
+    if not full[start]:
         return None
     stop = start + int(np.argmin(full[start:]))
     return stop if start < stop <= deepest else None
@@ -364,7 +374,7 @@ def _main_span(ink: np.ndarray, margins: bool = False) -> slice | None:
         return None
     mass = np.add.reduceat(profile, starts)  # each run plus the empty gap after it
     thickest = _thickest_line(ink)
-    line = np.array([margins and b - a <= thickest and np.count_nonzero(ink[a:b].any(0)) >= LINE_SPAN * ink.shape[1]
+    line = np.array([margins and b - a <= thickest and _spans_across(ink[a:b])
                      for a, b in zip(starts, stops, strict=True)])
     if not line.all():
         mass[line] = 0
@@ -400,7 +410,7 @@ def _line_tilt(coarse_ink: np.ndarray) -> float | None:
     """The angle in degrees (counter-clockwise) that levels two or more thin bands crossing the
     picture within MAX_TILT of horizontal, or None. Tried only when some ink spans the width."""
     inked = coarse_ink > 0
-    if np.count_nonzero(inked.any(0)) < LINE_SPAN * inked.shape[1]:
+    if not _spans_across(inked):
         return None
     angle, level = _levelling_tilt(inked)
     return angle if angle and len(_line_bands(level)) >= 2 else None
@@ -451,7 +461,7 @@ def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, 
         if len(bands) < 2:
             continue
         view = pixels if axis == 0 else pixels.T
-        height, width = view.shape
+        height = len(view)
         lines = []
         for start, stop in bands:
             top = max(0, start * factor - 1)
@@ -459,7 +469,7 @@ def _erase_ruled_lines(pixels: np.ndarray, coarse_ink: np.ndarray, factor: int, 
             # The rows that carry part of the line (a levelled line may still slope a little),
             # and one row more on each side: its anti-aliased fringe.
             rows = top + np.flatnonzero(ink.mean(1) >= LINE_PART)
-            if np.count_nonzero(ink.any(0)) >= LINE_SPAN * width and len(rows):
+            if _spans_across(ink) and len(rows):
                 lines.append((max(0, rows[0] - 1), min(height - 1, rows[-1] + 1)))
         if len(lines) < 2 or (len(lines) < MANY_LINES and not _printed_fainter(table[view], lines)):
             continue
