@@ -267,6 +267,18 @@ def test_specks_away_from_the_subject_are_left_out(predictor, mnist_dir):
     assert right >= 95
 
 
+def _written_on(page, digit, left, top, side, ink):
+    """`page` with an MNIST `digit` written on it `side` px tall at (left, top) in the gray level
+    or colour `ink`, as a photo would show it: paper and ink mixed by the digit's coverage."""
+    cover = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)) / 255
+    pixels = np.asarray(page, dtype=np.float64)
+    if pixels.ndim == 3:
+        cover = cover[..., None]
+    area = pixels[top : top + side, left : left + side]
+    area[:] = area * (1 - cover) + np.asarray(ink) * cover
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
 def _notebook_page(digit, line_colour, spacing, squared, thickness, tilt=0, margin=None):
     """An MNIST digit written in dark blue ink on a ruled (or squared) notebook page, with a
     `margin` line of that colour if given, photographed `tilt` degrees off level."""
@@ -278,10 +290,7 @@ def _notebook_page(digit, line_colour, spacing, squared, thickness, tilt=0, marg
         draw.line([(0, at), (419, at)], fill=line_colour, width=thickness)
         if squared:
             draw.line([(at, 0), (at, 419)], fill=line_colour, width=thickness)
-    ink = np.asarray(Image.fromarray(digit).resize((252, 252), Image.Resampling.BICUBIC)) / 255
-    pixels = np.asarray(page, dtype=np.float64)
-    pixels[84:336, 84:336] = pixels[84:336, 84:336] * (1 - ink[..., None]) + np.array([20, 30, 90]) * ink[..., None]
-    page = Image.fromarray(pixels.round().astype(np.uint8))
+    page = _written_on(page, digit, 84, 84, 252, (20, 30, 90))
     return page.rotate(tilt, Image.Resampling.BICUBIC, fillcolor=(250, 250, 244)) if tilt else page
 
 
@@ -315,12 +324,10 @@ def test_a_digit_in_a_forms_box_cropped_at_the_box_is_read_right(predictor, mnis
     for i in range(100):
         cell = Image.new("L", (300, 300), 250)
         ImageDraw.Draw(cell).rectangle([0, 0, 299, 299], outline=100, width=3)  # printed along the edges
-        ink = np.asarray(Image.fromarray(test.images[i].numpy()).resize((180, 180), Image.Resampling.BICUBIC)) / 255
-        pixels = np.asarray(cell, dtype=np.float64)
-        pixels[60:240, 60:240] = pixels[60:240, 60:240] * (1 - ink) + 20 * ink
+        cell = _written_on(cell, test.images[i].numpy(), 60, 60, 180, 20)
         # The paper's level is read from a band along the edges, not the edge pixels (the box):
         # read from those, the page was taken for light ink on dark and 11% were right.
-        right += classify(predictor, Image.fromarray(pixels.round().astype(np.uint8))).label == str(int(test.labels[i]))
+        right += classify(predictor, cell).label == str(int(test.labels[i]))
     assert right >= 95
 
 
@@ -334,11 +341,7 @@ def _boxed_digit(digit, rng, inverted, tilt):
     ImageDraw.Draw(page).rectangle([x0, y0, x0 + box, y0 + box], outline=level, width=width)
     side = int(box * rng.uniform(0.5, 0.8))
     dx, dy = (int(v) for v in rng.integers(width + 3, box - side - width - 2, 2))
-    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)) / 255
-    pixels = np.asarray(page, dtype=np.float64)
-    area = pixels[y0 + dy:y0 + dy + side, x0 + dx:x0 + dx + side]
-    area[:] = area * (1 - ink) + 20 * ink
-    page = Image.fromarray(pixels.round().astype(np.uint8)).rotate(tilt, Image.Resampling.BICUBIC, fillcolor=245)
+    page = _written_on(page, digit, x0 + dx, y0 + dy, side, 20).rotate(tilt, Image.Resampling.BICUBIC, fillcolor=245)
     return ImageOps.invert(page) if inverted else page
 
 
