@@ -18,12 +18,15 @@ os.environ["TOOLKIT_DATA_DIR"] = str(MNIST_DIR)
 os.environ["TOOLKIT_OFFLINE"] = "1"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m toolkit ARGS` as a user would, capturing output."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            columns: str | None = "200") -> subprocess.CompletedProcess:
+    """Run `python -m toolkit ARGS` as a user would, capturing output; columns=None: no $COLUMNS, as in a log."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = columns
     return subprocess.run(
         [sys.executable, "-m", "toolkit", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
     )
 
 

@@ -119,6 +119,18 @@ def test_a_perturbed_onnx_weight_fails_verification_by_name(export_dir, tmp_path
     assert parity["backends"]["torchscript"]["max_abs_diff"] <= 1e-5
 
 
+def test_the_parity_table_in_a_log_keeps_every_column(export_dir, tmp_path):
+    """Piped to a file with no $COLUMNS, rich would cut the table to 80 columns ("artifa…")."""
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    result = run_cli("verify", copy, columns=None)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "backend" in line)
+    for column in ("artifact", "accuracy", "max abs diff", "max rel diff", "top-1 agree", "verdict"):
+        assert column in header, header
+    assert "onnxruntime-cpu-int8" in result.stdout
+
+
 def test_a_failed_export_leaves_the_previous_one_untouched(export_dir, tmp_path):
     target = tmp_path / "exports" / "lenet"
     shutil.copytree(export_dir, target)

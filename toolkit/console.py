@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -19,8 +20,19 @@ from rich.table import Table
 if TYPE_CHECKING:
     from toolkit.verify import ParityReport
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 120  # the widest table (verify's) is 110 columns
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width; LOG_WIDTH in logs and pipes, where rich would cut tables to 80."""
+    made = Console(stderr=stderr)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = LOG_WIDTH
+    return made
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 @contextlib.contextmanager
