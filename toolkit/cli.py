@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from toolkit.console import console, epoch_progress, err_console
-from toolkit.errors import ToolkitError
+from toolkit.errors import Interrupted, ToolkitError
 
 if TYPE_CHECKING:
     from toolkit.verify import ParityReport
@@ -87,7 +87,7 @@ def train(
 
     Example: toolkit train lenet --epochs 3 --data-dir ../shared/mnist
     """
-    from toolkit.train import load_resume_state, make_config
+    from toolkit.train import TrainingInterrupted, load_resume_state, make_config
     from toolkit.train import train as run_training
 
     if resume is not None:
@@ -101,11 +101,14 @@ def train(
             scheduler=scheduler.value if scheduler else None, seed=seed, augment=augment,
             limit_train=limit_train,
         )
-    with epoch_progress() as progress:
-        result = run_training(
-            config, data_dir=data_dir, runs_dir=runs_dir, name=name, device=device.value,
-            resume=resume, progress=progress, log=console.print,
-        )
+    try:
+        with epoch_progress() as progress:
+            result = run_training(
+                config, data_dir=data_dir, runs_dir=runs_dir, name=name, device=device.value,
+                resume=resume, progress=progress, log=console.print,
+            )
+    except TrainingInterrupted as exc:
+        raise Interrupted(str(exc)) from None
     if result.is_main:
         console.print(
             f"best test accuracy {result.best_test_acc:.2%}, "
@@ -556,8 +559,10 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         _fail(f"{message} (see `{ctx.command_path if ctx else 'toolkit'} --help`)", code=2)
     except ToolkitError as exc:
-        _fail(str(exc))
-    except (KeyboardInterrupt, typer.Abort):
+        _fail(str(exc), code=exc.exit_code)
+    except KeyboardInterrupt:  # before typer runs the command
+        code = 130
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
         _fail("interrupted", code=130)
     sys.exit(code if isinstance(code, int) else 0)
 

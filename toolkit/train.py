@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -189,6 +190,10 @@ class RunResult:
     train_seconds: float
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the run dir is tidied; its text says what was kept."""
+
+
 def _checkpoint_payload(
     config: TrainConfig, model: nn.Module, epoch: int, history: list[dict[str, Any]],
     class_names: tuple[str, ...], framing: Framing,
@@ -264,11 +269,36 @@ def train(
     if ddp.enabled and torch_device.type == "cuda":
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(torch_device)
+    creating = resume is None
+    if ddp.is_main and creating and run_dir.exists() and any(run_dir.iterdir()):
+        raise ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
     try:
         return _run(config, run_dir, data_dir, torch_device, ddp, start_epoch, history,
-                    resume_checkpoint, progress, log, creating=resume is None)
+                    resume_checkpoint, progress, log, creating=creating)
+    except KeyboardInterrupt:
+        if not ddp.is_main:
+            raise
+        raise TrainingInterrupted(_keep_finished_epochs(run_dir, config, creating=creating)) from None
     finally:
         ddp.close()
+
+
+def _keep_finished_epochs(run_dir: Path, config: TrainConfig, *, creating: bool) -> str:
+    """After Ctrl-C: plot the epochs last.pt holds and say how to go on; a new run with none is removed."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        if creating:  # the folder was empty or missing before this run: all in it is ours
+            (run_dir / "config.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        return "training interrupted before its first epoch finished; nothing was kept"
+    from toolkit.plots import plot_training_curves
+
+    history = load_checkpoint(last)["metrics"]["history"]
+    plot_training_curves(history, run_dir / "curves.png", title=f"{config.arch} on {config.dataset}")
+    return (f"training interrupted; {last} holds epoch {history[-1]['epoch']}/{config.epochs} "
+            f"(best test accuracy {max(h['test_acc'] for h in history):.2%}); "
+            f"continue with: toolkit train {config.arch} --resume {run_dir}")
 
 
 def _run(
@@ -288,8 +318,6 @@ def _run(
     test_x, test_y = test_split.pixels(device), test_split.labels.to(device)
 
     if ddp.is_main and creating:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
         write_json(run_dir / "config.json", dataclasses.asdict(config))
 
     torch.manual_seed(config.seed)
