@@ -27,7 +27,14 @@ TRAIN = ["train", "lenet", "--epochs", "4", "--limit-train", "3000", "--batch-si
 
 def _start(*args):
     return subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+
+
+def _ctrl_c(process):
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
 
 
 def _wait_for(path, process, timeout=120):
@@ -73,6 +80,47 @@ def test_sigkill_during_export_keeps_the_previous_export(export_dir, trained_run
     assert run_cli("verify", target, "--data-dir", mnist_dir).returncode == 0
     # The next export clears the dead one's staging dir.
     assert run_cli("export", trained_run / "best.pt", "--out", target, "--no-verify").returncode == 0
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]
+
+
+def test_ctrl_c_during_training_keeps_finished_epochs_and_names_the_resume_command(tmp_path, mnist_dir):
+    run_dir = tmp_path / "cut"
+    process = _start(*TRAIN, "--runs-dir", tmp_path, "--name", "cut", "--data-dir", mnist_dir)
+    _wait_for(run_dir / "last.pt", process)
+    code, stderr = _ctrl_c(process)
+    assert code == 130, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    kept = load_checkpoint(run_dir / "last.pt")["epoch"]
+    assert f"last.pt holds epoch {kept}/4" in stderr
+    assert f"continue with: toolkit train lenet --resume {run_dir}" in stderr
+    assert (run_dir / "curves.png").is_file()
+    assert run_cli("train", "lenet", "--resume", run_dir, "--data-dir", mnist_dir, "--device", "cpu").returncode == 0
+    assert [epoch["epoch"] for epoch in _history(run_dir)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_before_the_first_epoch_leaves_no_run_dir(tmp_path, mnist_dir):
+    run_dir = tmp_path / "early"
+    # All 60,000 images: the first epoch takes seconds, so Ctrl-C lands inside it.
+    process = _start("train", "lenet", "--device", "cpu", "--runs-dir", tmp_path, "--name", "early",
+                     "--data-dir", mnist_dir)
+    _wait_for(run_dir / "config.json", process)  # written once the data is loaded
+    code, stderr = _ctrl_c(process)
+    assert code == 130, stderr
+    assert "training interrupted before its first epoch finished; nothing was kept" in stderr
+    assert not run_dir.exists()  # so the same --name can be used again
+
+
+def test_ctrl_c_during_export_keeps_the_previous_export_and_leaves_no_staging(export_dir, trained_run, tmp_path,
+                                                                              mnist_dir):
+    target = tmp_path / "exports" / "lenet"
+    shutil.copytree(export_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    process = _start("export", trained_run / "best.pt", "--format", "all", "--quantize", "int8",
+                     "--out", target, "--data-dir", mnist_dir)
+    time.sleep(random.Random(5).uniform(4.0, 9.0))
+    code, stderr = _ctrl_c(process)
+    assert code == 130 and stderr.strip() == "error: interrupted", stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]
 
 

@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -61,54 +59,6 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, mnist_dir, scheduler):
     a = load_checkpoint(tmp_path / "whole" / "last.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _press_ctrl_c(when, *args):
-    """Run `toolkit train lenet ARGS` as a user would; send SIGINT once when(process) returns."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "train", "lenet", "--device", "cpu", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # background jobs ignore it
-    )
-    when(process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
-
-
-def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(tmp_path, mnist_dir):
-    run_dir = tmp_path / "cut"
-
-    def second_epoch_logged(process):
-        next(line for line in process.stdout if line.startswith("epoch   2/6"))
-
-    code, stderr = _press_ctrl_c(second_epoch_logged, "--epochs", "6", "--limit-train", "6000",
-                                 "--runs-dir", tmp_path, "--name", "cut", "--data-dir", mnist_dir)
-    assert code == 130, stderr
-    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
-    assert f"continue with: toolkit train lenet --resume {run_dir}" in stderr
-    assert (run_dir / "curves.png").is_file()
-    kept = load_checkpoint(run_dir / "last.pt")["epoch"]
-    assert f"last.pt holds epoch {kept}/6" in stderr
-    resumed = run_cli("train", "lenet", "--resume", run_dir, "--data-dir", mnist_dir, "--device", "cpu")
-    assert resumed.returncode == 0, resumed.stderr
-    history = json.loads((run_dir / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
-
-
-def test_ctrl_c_before_the_first_epoch_leaves_no_run_dir(tmp_path, mnist_dir):
-    run_dir = tmp_path / "early"
-
-    def config_written(_process):
-        while not (run_dir / "config.json").exists():  # written once the data is loaded
-            time.sleep(0.01)
-
-    # The first epoch on all 60,000 images takes seconds: Ctrl-C lands inside it.
-    code, stderr = _press_ctrl_c(config_written, "--runs-dir", tmp_path, "--name", "early",
-                                 "--data-dir", mnist_dir)
-    assert code == 130, stderr
-    assert "interrupted before its first epoch finished; nothing was kept" in stderr
-    assert not run_dir.exists()
 
 
 def test_augmented_training_runs_and_learns(tmp_path, mnist_dir):
