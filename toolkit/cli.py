@@ -562,9 +562,25 @@ def main() -> None:
         _fail(str(exc), code=exc.exit_code)
     except KeyboardInterrupt:  # before typer runs the command
         code = 130
+    except Exception as exc:
+        if not _caused_by_ctrl_c(exc):
+            raise
+        code = 130
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
         _fail("interrupted", code=130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _caused_by_ctrl_c(exc: BaseException | None) -> bool:
+    """Ctrl-C inside a library can surface as its own error: torch.onnx.export, interrupted while it
+    imports torch._dynamo, raises TorchExportError from the AttributeError the half import left."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _fail(message: str, code: int = 1) -> None:
