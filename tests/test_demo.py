@@ -10,10 +10,10 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from tests.conftest import REPO
-from toolkit.app import launch
+from toolkit.app import EXAMPLES_DIR, launch
 from toolkit.bench import example_label, free_port
 
-EXAMPLES = sorted((REPO / "demo" / "examples").glob("*.png"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 

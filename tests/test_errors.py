@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
+from toolkit.app import EXAMPLES_DIR
 from toolkit.bench import example_label
 
 
@@ -101,7 +102,7 @@ def test_user_errors_are_one_clear_line(bad, export_dir, command, message, code)
 
 
 def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
-    good = sorted((REPO / "demo" / "examples").glob("*.png"))[0]
+    good = sorted(EXAMPLES_DIR.glob("*.png"))[0]
     result = run_cli("predict", bad / "not-an-image.png", good, "--model", export_dir, "--json")
     assert result.returncode == 0
     rows = json.loads(result.stdout)
@@ -109,7 +110,7 @@ def test_predict_reports_unreadable_files_without_stopping(bad, export_dir):
 
 
 def test_predict_takes_folders_of_images(tmp_path, export_dir):
-    examples = sorted((REPO / "demo" / "examples").glob("*.png"))
+    examples = sorted(EXAMPLES_DIR.glob("*.png"))
     (tmp_path / "scans" / "more").mkdir(parents=True)
     for index, path in enumerate(examples):
         shutil.copy(path, tmp_path / "scans" / ("more" if index % 2 else ".") / path.name)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageOps
 
-from tests.conftest import FASHION_DIR, REPO
+from tests.conftest import FASHION_DIR
+from toolkit.app import EXAMPLES_DIR
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.inference import classify
@@ -391,7 +392,7 @@ def test_one_stroke_across_the_canvas_is_not_taken_for_a_ruled_line():
 
 
 def test_phone_photos_stored_sideways_are_turned_upright(predictor, tmp_path):
-    upright = Image.open(REPO / "demo" / "examples" / "mnist-test-0000-label-7.png").convert("L")
+    upright = Image.open(EXAMPLES_DIR / "mnist-test-0000-label-7.png").convert("L")
     photo = Image.eval(upright.resize((600, 600), Image.Resampling.BICUBIC), lambda v: 255 - v)
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6  # "rotate 90 degrees clockwise to display"

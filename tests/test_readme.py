@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from toolkit.app import EXAMPLES_DIR
 
 
 def test_the_python_api_example_runs(mnist_dir, tmp_path):
     readme = (REPO / "README.md").read_text()
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
-    example = sorted((REPO / "demo" / "examples").glob("*.png"))[0]
+    example = sorted(EXAMPLES_DIR.glob("*.png"))[0]
     swaps = {
         '"../shared/mnist"': repr(str(mnist_dir)),
         '"digit.png"': repr(str(example)),

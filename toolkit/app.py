@@ -15,7 +15,7 @@ from toolkit.inference import Classification, classify
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.demo")
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "demo" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # package data: in wheels too
 CANVAS = (400, 400)
 # MNIST strokes are about 1/8 of the digit's height; a digit drawn over most of a 400 px canvas
 # is ~300 px tall, so a ~28 px brush gives MNIST-like strokes after the 20 px rescale.
