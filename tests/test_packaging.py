@@ -6,6 +6,7 @@ import sys
 import zipfile
 
 from tests.conftest import REPO
+from toolkit import __version__
 from toolkit.app import EXAMPLES_DIR
 
 
@@ -17,6 +18,7 @@ def test_the_wheel_ships_the_demo_examples_and_the_command(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("toolkit-*.whl")
+    assert wheel.name.startswith(f"toolkit-{__version__}-")  # the version has one source: the package
     names = set(zipfile.ZipFile(wheel).namelist())
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.png"))
     assert len(examples) == 10  # one MNIST test digit of each class: the demo's examples, bench's inputs

@@ -1,1 +1,3 @@
-__version__ = '0.1.0'
+"""Train small MNIST-like vision models, export them with proven parity, and serve them."""
+
+__version__ = "0.1.0"
