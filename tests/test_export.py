@@ -131,6 +131,19 @@ def test_the_parity_table_in_a_log_keeps_every_column(export_dir, tmp_path):
     assert "onnxruntime-cpu-int8" in result.stdout
 
 
+def test_an_export_that_fails_its_parity_check_replaces_nothing(export_dir, trained_run, tmp_path):
+    target = tmp_path / "exports" / "lenet"
+    shutil.copytree(export_dir, target)
+    before = _snapshot(target)
+    # No tolerance at all: ONNX Runtime's float arithmetic differs from PyTorch's in the last bits.
+    result = run_cli("export", trained_run, "--out", target, "--atol", "0", "--rtol", "0")
+    assert result.returncode == 1
+    assert "parity check failed, nothing was replaced in" in result.stderr and "onnxruntime-cpu" in result.stderr
+    assert "FAIL" in result.stdout  # the parity table is shown before the error
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet"]
+
+
 def test_a_failed_export_leaves_the_previous_one_untouched(export_dir, tmp_path):
     target = tmp_path / "exports" / "lenet"
     shutil.copytree(export_dir, target)

@@ -6,7 +6,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -156,8 +156,8 @@ def export(
     Example: toolkit export runs/lenet-demo/best.pt --format all --quantize int8
     """
     from toolkit.checkpoint import checkpoint_file, newest_run_checkpoint
-    from toolkit.export import ExportOptions, export_checkpoint, staged_directory
-    from toolkit.verify import attach_parity
+    from toolkit.export import ExportOptions
+    from toolkit.verify import export_verified
 
     if checkpoint is None:
         checkpoint = newest_run_checkpoint(runs_dir)
@@ -168,20 +168,16 @@ def export(
         formats=(format.value,), opset=opset, quantize=quantize, fp16=fp16, data_dir=data_dir,
         command=" ".join(["toolkit", *sys.argv[1:]]),
     )
-    options.validate()
-    with staged_directory(out) as stage:
-        with console.status("exporting..."):
-            manifest = export_checkpoint(checkpoint, stage, options)
+
+    def list_artifacts(manifest: dict[str, Any]) -> None:
         for name, info in manifest["artifacts"].items():
             console.print(f"  wrote {name:<36} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:16]}")
-        if verify:
-            report = _verify_and_report(stage, data_dir, atol, rtol, max_acc_drop)
-            if not report.passed:
-                raise ToolkitError(
-                    "parity check failed, nothing was replaced in "
-                    f"{out} (use --no-verify to keep the artifacts anyway): " + "; ".join(report.failures())
-                )
-            attach_parity(stage, report)
+        status.update("verifying...")
+
+    with console.status("exporting...") as status:
+        export_verified(checkpoint, out, options, verify=verify, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
+                        on_exported=list_artifacts, on_verified=_show_parity,
+                        progress=lambda name: status.update(f"verifying {name}..."))
     console.print(f"export directory: {out}")
 
 
@@ -197,10 +193,13 @@ def verify_command(
 
     Exits non-zero, naming the backend and the worst sample, when any backend disagrees.
     """
-    from toolkit.verify import attach_parity
+    from toolkit.verify import attach_parity, verify_export
 
     export_dir = export_dir or newest_export_dir()
-    report = _verify_and_report(export_dir, data_dir, atol, rtol, max_acc_drop)
+    with console.status("verifying...") as status:
+        report = verify_export(export_dir, data_dir=data_dir, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
+                               progress=lambda name: status.update(f"verifying {name}..."))
+    _show_parity(report)
     attach_parity(export_dir, report)
     if not report.passed:
         raise ToolkitError("parity check failed: " + "; ".join(report.failures()))
@@ -218,20 +217,12 @@ def newest_export_dir(exports_dir: Path = Path("exports")) -> Path:
     return candidates[-1].parent
 
 
-def _verify_and_report(
-    export_dir: Path, data_dir: Path | None, atol: float, rtol: float, max_acc_drop: float
-) -> ParityReport:
+def _show_parity(report: ParityReport) -> None:
     from toolkit.console import parity_table
-    from toolkit.verify import verify_export
 
-    with console.status("verifying...") as status:
-        report = verify_export(export_dir, data_dir=data_dir, atol=atol, rtol=rtol,
-                               max_acc_drop=max_acc_drop,
-                               progress=lambda name: status.update(f"verifying {name}..."))
     console.print(parity_table(report))
     if report.passed:
         console.print("[bold green]parity verified[/]")
-    return report
 
 
 ModelOption = Annotated[

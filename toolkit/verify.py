@@ -18,6 +18,7 @@ import torch
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
+from toolkit.export import ExportOptions, export_checkpoint, staged_directory
 from toolkit.fileio import read_json, sha256_file, write_json
 from toolkit.runtime import create_session, cuda_provider_usable
 
@@ -230,3 +231,40 @@ def attach_parity(export_dir: str | Path, report: ParityReport) -> None:
                      for name, r in report.backends.items()},
     }
     write_json(path, manifest)
+
+
+def export_verified(
+    checkpoint: str | Path,
+    out: str | Path,
+    options: ExportOptions,
+    *,
+    verify: bool = True,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
+    on_exported: Callable[[dict[str, Any]], None] | None = None,
+    on_verified: Callable[[ParityReport], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], ParityReport | None]:
+    """Export `checkpoint` beside `out`, prove parity there, and only then replace `out`.
+
+    Returns the manifest and the parity report (None with verify=False). A failed check raises
+    ToolkitError and replaces nothing. `on_exported(manifest)` and `on_verified(report)` let a
+    caller show each stage as it ends; `progress(backend)` names the backend being checked.
+    """
+    options.validate()
+    with staged_directory(out) as stage:
+        manifest = export_checkpoint(checkpoint, stage, options)
+        if on_exported is not None:
+            on_exported(manifest)
+        if not verify:
+            return manifest, None
+        report = verify_export(stage, data_dir=options.data_dir, atol=atol, rtol=rtol,
+                               max_acc_drop=max_acc_drop, progress=progress)
+        if on_verified is not None:
+            on_verified(report)
+        if not report.passed:
+            raise ToolkitError(f"parity check failed, nothing was replaced in {out} (--no-verify, or "
+                               "verify=False, keeps the artifacts anyway): " + "; ".join(report.failures()))
+        attach_parity(stage, report)
+    return manifest, report
