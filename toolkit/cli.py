@@ -168,13 +168,13 @@ def export(
         formats=(format.value,), opset=opset, quantize=quantize, fp16=fp16, data_dir=data_dir,
         command=" ".join(["toolkit", *sys.argv[1:]]),
     )
-
-    def list_artifacts(manifest: dict[str, Any]) -> None:
-        for name, info in manifest["artifacts"].items():
-            console.print(f"  wrote {name:<36} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:16]}")
-        status.update("verifying...")
-
     with console.status("exporting...") as status:
+
+        def list_artifacts(manifest: dict[str, Any]) -> None:
+            for name, info in manifest["artifacts"].items():
+                console.print(f"  wrote {name:<36} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:16]}")
+            status.update("verifying...")
+
         export_verified(checkpoint, out, options, verify=verify, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
                         on_exported=list_artifacts, on_verified=_show_parity,
                         progress=lambda name: status.update(f"verifying {name}..."))

@@ -1,7 +1,8 @@
 """Writers that turn a checkpoint into deployable artifacts, and the manifest that lists them.
 
 Every export is built in a staging directory beside the target and only replaces the previous
-export once it is complete (and, from the CLI, verified): a failed export loses nothing.
+export once it is complete (and verified, through `toolkit.verify.export_verified`): a failed
+export loses nothing.
 """
 
 from __future__ import annotations
