@@ -1,7 +1,11 @@
 """Every user-facing error of every command: non-zero exit, one clear line on stderr, no traceback."""
 
 import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +143,11 @@ def test_an_error_before_training_prints_nothing_but_the_error(command):
     result = run_cli(*command.split())
     assert result.returncode == 1 and result.stderr.startswith("error: ")
     assert result.stdout == ""  # no progress display was started, so no blank line from it either
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_not_a_traceback():
+    """`toolkit | head -12`: head leaves after 12 lines of the help and the rest cannot be written."""
+    result = subprocess.run(f"{shlex.quote(sys.executable)} -m toolkit | head -12", shell=True,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "100"})
+    assert len(result.stdout.splitlines()) == 12
+    assert result.stderr == "", result.stderr

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import zipfile
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 from toolkit import __version__
 from toolkit.app import EXAMPLES_DIR
 
@@ -25,3 +25,10 @@ def test_the_wheel_ships_the_demo_examples_and_the_command(tmp_path):
     assert {f"toolkit/examples/{name}" for name in examples} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "toolkit = toolkit.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_version_names_toolkit_and_the_libraries_it_runs_on():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"toolkit {__version__} (torch ")
+    assert "onnx " in result.stdout and "gradio " in result.stdout

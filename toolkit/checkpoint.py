@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from toolkit import __version__
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_bytes
 from toolkit.models import create_model
@@ -24,19 +23,6 @@ from toolkit.models import create_model
 FORMAT = "toolkit-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("arch", "model_kwargs", "state_dict", "dataset", "class_names", "normalization")
-
-
-def library_versions(*packages: str) -> dict[str, str]:
-    """Versions of toolkit, torch and `packages` (read from metadata: importing costs seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"toolkit": __version__, "torch": str(torch.__version__)}
-    for package in packages:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:

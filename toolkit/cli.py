@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -23,6 +24,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_versions(requested: bool) -> None:
+    if requested:
+        from toolkit import library_versions
+
+        versions = library_versions("torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "gradio")
+        toolkit_version = versions.pop("toolkit")
+        installed = ", ".join(f"{name} {v}" for name, v in versions.items() if v != "not installed")
+        typer.echo(f"toolkit {toolkit_version} ({installed})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_versions, is_eager=True,
+        help="Print the versions of toolkit and the libraries it runs on, and exit.")] = False,
+) -> None:
+    """Train small vision models on MNIST-like data, export them with proven parity, serve them."""
 
 
 class Optimizer(str, Enum):
@@ -540,6 +561,14 @@ def models() -> None:
 
 def main() -> None:
     """Entry point: every user error becomes one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        _run_app()
+    except BrokenPipeError:  # `toolkit ... | head`: the reader has gone, so has anyone to tell
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail too
+        sys.exit(1)
+
+
+def _run_app() -> None:
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # bad usage: unknown option, missing argument, bad choice

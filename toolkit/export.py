@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit import library_versions
 from toolkit.checkpoint import (
     build_deployable,
     checkpoint_file,
-    library_versions,
     load_checkpoint,
     save_checkpoint,
 )

@@ -17,8 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit import library_versions
 from toolkit.augment import random_affine_elastic
-from toolkit.checkpoint import library_versions, load_checkpoint, save_checkpoint
+from toolkit.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.data import get_dataset, load_split, shuffled_batches
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
