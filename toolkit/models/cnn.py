@@ -68,7 +68,8 @@ def widecnn(num_classes: int = 10) -> nn.Module:
 @register_model(
     "tinycnn",
     description="one 3x3 conv (20 channels, sigmoid), one fc: the equal-budget CNN for mlp",
-    default=Recipe("adamw", 3e-3, 128, 6, scheduler="onecycle"),
+    # 1e-2: the fc layer's 13,520 inputs are all-positive sigmoid outputs; 3e-3 stopped at 97.46%.
+    default=Recipe("adamw", 1e-2, 128, 6, scheduler="onecycle"),
     notebook=Recipe("sgd", 1e-2, 1024, 10, momentum=0.0, normalization=NOTEBOOK_SHIFT),
 )
 def tinycnn(num_classes: int = 10) -> nn.Module:
