@@ -119,7 +119,8 @@ def evaluate(
     plot_confusion(matrix, model.class_names, report_dir / "confusion.png", title)
     plot_digit_grid(
         pixels[wrong, 0],
-        [f"{model.class_names[labels[i]]} → {model.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
+        # Two lines: Fashion-MNIST's "T-shirt/top → Ankle boot (0.94)" is wider than its cell.
+        [f"{model.class_names[labels[i]]}\n→ {model.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
          for i in wrong],
         report_dir / "mistakes.png",
         f"most confident mistakes ({len(np.flatnonzero(predicted != labels))} in all)",

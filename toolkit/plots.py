@@ -65,7 +65,7 @@ def plot_digit_grid(
     """A grid of 28x28 images with a title each (e.g. misclassified digits)."""
     count = max(1, len(images))
     rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, titles, strict=False):
