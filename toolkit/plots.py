@@ -101,7 +101,7 @@ def plot_feature_maps(digits: np.ndarray, maps: np.ndarray, labels: Sequence[str
                              squeeze=False)
     for row, (digit, fmap, label) in enumerate(zip(digits, maps, labels, strict=True)):
         axes[row, 0].imshow(digit, cmap="gray", vmin=0, vmax=1)
-        axes[row, 0].set_ylabel(label, rotation=0, labelpad=12)
+        axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center", labelpad=6)  # long names fit
         for c in range(channels):
             axes[row, c + 1].imshow(fmap[c], cmap="viridis")
             if row == 0:
