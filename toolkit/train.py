@@ -293,10 +293,8 @@ def _keep_finished_epochs(run_dir: Path, config: TrainConfig, *, creating: bool)
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
         return "training interrupted before its first epoch finished; nothing was kept"
-    from toolkit.plots import plot_training_curves
-
     history = load_checkpoint(last)["metrics"]["history"]
-    plot_training_curves(history, run_dir / "curves.png", title=f"{config.arch} on {config.dataset}")
+    _draw_curves(run_dir, config, history)
     return (f"training interrupted; {last} holds epoch {history[-1]['epoch']}/{config.epochs} "
             f"(best test accuracy {max(h['test_acc'] for h in history):.2%}); "
             f"continue with: toolkit train {config.arch} --resume {run_dir}")
@@ -399,9 +397,7 @@ def _run(
         _write_metrics(run_dir, history)
 
     if ddp.is_main:
-        from toolkit.plots import plot_training_curves
-
-        plot_training_curves(history, run_dir / "curves.png", title=f"{config.arch} on {config.dataset}")
+        _draw_curves(run_dir, config, history)
     return RunResult(
         run_dir=run_dir,
         is_main=ddp.is_main,
@@ -409,6 +405,12 @@ def _run(
         best_test_acc=max(h["test_acc"] for h in history),
         train_seconds=sum(h["seconds"] for h in history),
     )
+
+
+def _draw_curves(run_dir: Path, config: TrainConfig, history: list[dict[str, Any]]) -> None:
+    from toolkit.plots import plot_training_curves  # matplotlib only once there is something to draw
+
+    plot_training_curves(history, run_dir / "curves.png", title=f"{config.arch} on {config.dataset}")
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
