@@ -80,6 +80,7 @@ CASES = [
     ("train lenet --momentum 0.5", "--momentum applies to --optimizer sgd only", 1),
     ("train lenet --name ../elsewhere", "--name must be a plain folder name", 1),
     ("train lenet --runs-dir {bad} --name no-manifest", "already exists; pass another --name or --resume", 1),
+    ("train lenet --runs-dir {bad} --name not-an-image.png", "already exists; pass another --name or --resume", 1),
     ("bench infer {bad}/empty-dir", "is not an export dir", 1),
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
     ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),

@@ -271,7 +271,7 @@ def train(
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(torch_device)
     creating = resume is None
-    if ddp.is_main and creating and run_dir.exists() and any(run_dir.iterdir()):
+    if ddp.is_main and creating and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
     try:
         return _run(config, run_dir, data_dir, torch_device, ddp, start_epoch, history,
