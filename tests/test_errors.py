@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.helpers import UINT8, foreign_onnx, rewrite_manifest
 from toolkit.app import EXAMPLES_DIR
 from toolkit.bench import example_label
 
@@ -28,7 +29,66 @@ def bad(tmp_path_factory, export_dir):
     shutil.copytree(export_dir, no_manifest)
     (no_manifest / "manifest.json").unlink()
     (root / "corrupt.onnx").write_bytes(b"\x08\x01garbage")
+    _odd_exports(root, export_dir)
+    _foreign_models(root)
+    _odd_checkpoints(root, export_dir)
+    torch.save({"weights": torch.zeros(3)}, root / "protocol-3.pt", pickle_protocol=3)  # torch.load warns
+    torch.save({"weights": torch.zeros(3)}, root / "protocol-4.pt", pickle_protocol=4)  # it cannot read it
     return root
+
+
+def _odd_exports(root, export_dir):
+    """Folders that look like exports but cannot be proven to be one."""
+    not_ours = root / "not-ours"  # the issue's reproduction: a folder that merely holds a manifest.json
+    (not_ours / "src").mkdir(parents=True)
+    (not_ours / "manifest.json").write_text('{"name": "ext"}')
+    (not_ours / "src" / "a.js").write_text("x")
+    (not_ours / "NOTES.md").write_text("n")
+    edits = {
+        "list-manifest": lambda m: [m],
+        "no-format": lambda m: {k: v for k, v in m.items() if k != "format"},
+        "unlisted-model": lambda m: {**m, "artifacts": {k: v for k, v in m["artifacts"].items() if k != "model.onnx"}},
+        "no-sha": lambda m: {**m, "artifacts": {**m["artifacts"], "model.onnx": {"bytes": 1}}},
+        "escape": lambda m: {**m, "artifacts": {**m["artifacts"], "../model.onnx": m["artifacts"]["model.onnx"]}},
+        "absolute": lambda m: {**m, "artifacts": {**m["artifacts"], "/etc/passwd": m["artifacts"]["model.onnx"]}},
+    }
+    for name, edit in edits.items():
+        shutil.copytree(export_dir, root / name)
+        rewrite_manifest(root / name, edit)
+    swapped = root / "swapped"  # another model in its place and the manifest removed
+    shutil.copytree(export_dir, swapped)
+    shutil.copy(export_dir / "model.int8.onnx", swapped / "model.onnx")
+    (swapped / "manifest.json").unlink()
+    shutil.copytree(export_dir, root / "manifest-dir")
+    (root / "manifest-dir" / "manifest.json").unlink()
+    (root / "manifest-dir" / "manifest.json").mkdir()
+    shutil.copytree(export_dir, root / "with-notes")
+    (root / "with-notes" / "NOTES.md").write_text("mine")
+
+
+def _foreign_models(root):
+    """Bare ONNX models that break the serving contract, one way each."""
+    for name, signature in {
+        "other-input-name": {"input_name": "x"},
+        "rgb-32": {"input_shape": ("N", 3, 32, 32)},
+        "uint8-input": {"input_type": UINT8},
+        "no-output": {"outputs": ()},
+        "one-output": {"outputs": (("logits", 2, 10),)},
+        "3d-outputs": {"outputs": (("logits", 3, 10), ("probabilities", 3, 10))},
+        "1000-classes": {"outputs": (("logits", 2, 1000), ("probabilities", 2, 1000))},
+        "3-class-names": {"class_names": ["a", "b", "c"]},
+    }.items():
+        foreign_onnx(root / f"{name}.onnx", **signature)
+
+
+def _odd_checkpoints(root, export_dir):
+    """The export's checkpoint with one field of the wrong type each."""
+    good = torch.load(export_dir / "model.pt", weights_only=True)
+    for field, value in {
+        "format_version": "1", "model_kwargs": "num_classes=10", "normalization": {"mean": 0.1},
+        "state_dict": "weights", "class_names": 10, "metrics": "good",
+    }.items():
+        torch.save({**good, field: value}, root / f"bad-{field}.pt")
 
 
 CASES = [
@@ -92,12 +152,56 @@ CASES = [
     ("bench train --target 99", "--target is a test accuracy between 0 and 1", 1),
     ("bench serve {export} --malformed-every -1", "Invalid value for '--malformed-every'", 2),
     ("frobnicate", "No such command 'frobnicate'", 2),
+    # Exports that cannot be proven to be one (issue #16): refused, never replaced or served.
+    ("export {export}/model.pt --no-verify --out {bad}/not-ours", "not a toolkit export", 1),
+    ("export {export}/model.pt --no-verify --out {bad}/with-notes", "holds files its manifest does not list "
+     "(NOTES.md)", 1),
+    ("predict {digit} --model {bad}/swapped", "has no manifest.json", 1),
+    ("predict {digit} --model {bad}/manifest-dir", "manifest.json is not a file", 1),
+    ("predict {digit} --model {bad}/list-manifest", "(a JSON list, not an object)", 1),
+    ("predict {digit} --model {bad}/no-format", "no 'toolkit-export' format marker", 1),
+    ("predict {digit} --model {bad}/unlisted-model", "does not list model.onnx", 1),
+    ("predict {digit} --model {bad}/no-sha", "has no sha256 for model.onnx", 1),
+    ("evaluate {bad}/swapped", "has no manifest.json", 1),
+    ("demo {bad}/swapped", "has no manifest.json", 1),
+    ("verify {bad}/escape", "lists an artifact outside the export dir or not a file: '../model.onnx'", 1),
+    ("verify {bad}/absolute", "lists an artifact outside the export dir or not a file: '/etc/passwd'", 1),
+    # Foreign ONNX models: the contract is checked where the file enters.
+    ("predict {digit} --model {bad}/other-input-name.onnx", "takes inputs ['x'], not one input 'image'", 1),
+    ("predict {digit} --model {bad}/rgb-32.onnx", "input has shape ['N', 3, 32, 32], expected [N, 1, 28, 28]", 1),
+    ("predict {digit} --model {bad}/uint8-input.onnx", "input is tensor(uint8), expected tensor(float)", 1),
+    ("predict {digit} --model {bad}/no-output.onnx", "has outputs [], not logits and probabilities", 1),
+    ("predict {digit} --model {bad}/one-output.onnx", "has outputs ['logits'], not logits and probabilities", 1),
+    ("predict {digit} --model {bad}/3d-outputs.onnx", "'logits' output is tensor(float) ['N', 1, 10]", 1),
+    ("predict {digit} --model {bad}/1000-classes.onnx", "has 1000 classes but its metadata names 10", 1),
+    ("evaluate {bad}/3-class-names.onnx", "has 10 classes but its metadata names 3", 1),
+    ("demo {bad}/rgb-32.onnx", "expected [N, 1, 28, 28]", 1),
+    # Checkpoint fields of the wrong type, and a pickle protocol torch.load warns about.
+    ("export {bad}/bad-format_version.pt", "'format_version' is str, expected int", 1),
+    ("export {bad}/bad-model_kwargs.pt", "'model_kwargs' is str, expected dict", 1),
+    ("inspect {bad}/bad-normalization.pt", "'normalization' needs a finite 'mean' and a positive 'std'", 1),
+    ("evaluate {bad}/bad-state_dict.pt", "'state_dict' is str, expected dict", 1),
+    ("export {bad}/bad-class_names.pt", "'class_names' is int, expected list or tuple", 1),
+    ("export {bad}/bad-metrics.pt", "'metrics' is str, expected dict", 1),
+    ("export {bad}/protocol-3.pt", "not a toolkit checkpoint", 1),
+    ("export {bad}/protocol-4.pt", "saved with a pickle protocol that safe loading cannot read", 1),
+    # Numbers out of range, and options a resumed run cannot take.
+    ("train lenet --seed 99999999999999999999", "--seed must be between 0 and 4294967295", 1),
+    ("train lenet --seed -1", "--seed must be between 0 and 4294967295", 1),
+    ("train lenet --lr inf", "--lr must be positive and finite, got inf", 1),
+    ("train lenet --lr nan", "--lr must be positive and finite, got nan", 1),
+    ("predict {digit} --model {export} --threads 100000000000000000000", "threads must be between 1 and", 1),
+    ("demo {export} --threads 1000000", "threads must be between 1 and", 1),
+    ("train lenet --resume {run} --lr 3", "--lr cannot be changed with --resume", 1),
+    ("train lenet --resume {run} --name other", "--name cannot be changed with --resume", 1),
+    ("train mlp --resume {run}", "is a lenet run, not mlp", 1),
 ]
 
 
 @pytest.mark.parametrize(("command", "message", "code"), CASES, ids=[c[0].split(" {")[0] for c in CASES])
-def test_user_errors_are_one_clear_line(bad, export_dir, command, message, code):
-    args = [part.format(bad=bad, export=export_dir) for part in command.split()]
+def test_user_errors_are_one_clear_line(bad, export_dir, trained_run, command, message, code):
+    digit = sorted(EXAMPLES_DIR.glob("*.png"))[0]
+    args = [part.format(bad=bad, export=export_dir, run=trained_run, digit=digit) for part in command.split()]
     result = run_cli(*args)
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
@@ -130,13 +234,16 @@ def test_predict_takes_folders_of_images(tmp_path, export_dir):
     assert rows[-1] == {"file": str(tmp_path / "empty"), "error": "no image files in this folder"}
 
 
-def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir):
-    before = sorted(p.relative_to(bad) for p in bad.rglob("*"))
-    result = run_cli("export", export_dir / "model.pt", "--out", bad)
-    assert result.returncode == 1
-    assert "not a toolkit export (no manifest.json); refusing to replace it" in result.stderr
-    assert sorted(p.relative_to(bad) for p in bad.rglob("*")) == before
-    assert not list(bad.parent.glob(f".{bad.name}.*"))
+@pytest.mark.parametrize("folder", [".", "not-ours", "with-notes"])
+def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir, folder):
+    """Not the bad folder itself, nor one holding a foreign manifest.json, nor an export a person
+    added a file to: each is refused and left byte for byte as it was."""
+    target = bad / folder
+    before = {p.relative_to(target): p.read_bytes() if p.is_file() else None for p in target.rglob("*")}
+    result = run_cli("export", export_dir / "model.pt", "--out", target, "--no-verify")
+    assert result.returncode == 1 and "refusing to replace it" in result.stderr, result.stderr
+    assert {p.relative_to(target): p.read_bytes() if p.is_file() else None for p in target.rglob("*")} == before
+    assert not list(target.parent.glob(f".{target.name}.*"))
 
 
 @pytest.mark.parametrize("command", ["compare mlp tinycnn mlp", "train lenet --name ../elsewhere"])

@@ -183,3 +183,15 @@ def test_verify_bad_export_dirs_are_clear_errors(export_dir, tmp_path, setup, me
     result = run_cli("verify", target)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_export_through_a_symbolic_link_replaces_the_folder_and_keeps_the_link(export_dir, trained_run, tmp_path):
+    real = tmp_path / "v1"
+    shutil.copytree(export_dir, real, ignore=shutil.ignore_patterns("parity.json"))
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    result = run_cli("export", trained_run / "best.pt", "--out", link, "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]  # no .current.old-PID left
+    assert json.loads((real / "manifest.json").read_text())["command"].endswith("--no-verify")

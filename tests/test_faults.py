@@ -2,6 +2,8 @@
 
 import contextlib
 import io
+import json
+import os
 import random
 import resource
 import shutil
@@ -12,15 +14,19 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from tests.conftest import run_cli
+from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_manifest
+from toolkit.app import EXAMPLES_DIR
 from toolkit.bench import free_port
 from toolkit.checkpoint import load_checkpoint
 from toolkit.cli import _caused_by_ctrl_c
+from toolkit.errors import ToolkitError
 from toolkit.preprocess import ImageReadError, load_image, preprocess
 
 TRAIN = ["train", "lenet", "--epochs", "4", "--limit-train", "3000", "--batch-size", "100", "--device", "cpu"]
@@ -255,3 +261,217 @@ def test_the_demo_is_local_private_and_serves_no_files_by_default(export_dir):
     finally:
         demo.close()
 
+
+
+# Boundaries where a file enters: manifests, checkpoints and ONNX signatures, fuzzed.
+
+ARTIFACT_NAMES = st.sampled_from(["model.onnx", "model.pt", "../model.onnx", "/etc/passwd", "a\\b", "", ".",
+                                  "triton/m/1/model.onnx", "manifest.json", "c:model.onnx"])
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=3), max_leaves=8)
+
+
+@st.composite
+def manifests(draw, good):
+    """The real manifest with some fields replaced by odd JSON, or odd artifact entries."""
+    manifest = json.loads(json.dumps(good))
+    for key in draw(st.lists(st.sampled_from(["format", "manifest_version", "artifacts", "metadata"]), max_size=2)):
+        manifest[key] = draw(JSON_VALUES)
+    if isinstance(manifest.get("artifacts"), dict) and draw(st.booleans()):
+        entry = draw(st.one_of(JSON_VALUES, st.just(good["artifacts"]["model.onnx"])))
+        manifest["artifacts"][draw(ARTIFACT_NAMES)] = entry
+    return draw(st.one_of(st.just(manifest), JSON_VALUES)) if draw(st.integers(0, 9)) == 0 else manifest
+
+
+def test_fuzzed_manifests_are_served_only_when_they_prove_the_model(export_dir, tmp_path):
+    from toolkit.export import _check_replaceable
+    from toolkit.runtime import Predictor
+
+    target = tmp_path / "export"
+    shutil.copytree(export_dir, target, ignore=shutil.ignore_patterns("*.pt2", "*.ts", "triton"))
+    good = json.loads((export_dir / "manifest.json").read_text())
+    good["artifacts"] = {k: v for k, v in good["artifacts"].items() if (target / k).is_file()}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(manifests(good))
+    def check(manifest):
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            predictor = Predictor(target, provider="cpu")
+        except ToolkitError:
+            served = False
+        else:
+            served = predictor.integrity.startswith("verified")
+            assert served
+        sound = (isinstance(manifest, dict) and manifest.get("format") == "toolkit-export"
+                 and type(manifest.get("manifest_version")) is int and manifest["manifest_version"] == 1
+                 and isinstance(manifest.get("artifacts"), dict)
+                 and manifest["artifacts"].get("model.onnx") == good["artifacts"]["model.onnx"])
+        assert served == (sound and _entries_sound(manifest["artifacts"])), manifest
+        with contextlib.suppress(ToolkitError):  # refused in one line, or a real export: never a traceback
+            _check_replaceable(target)
+
+    check()
+
+
+def _entries_sound(artifacts):
+    return all(isinstance(name, str) and name not in ("", ".", "manifest.json") and not name.startswith("/")
+               and ".." not in name.split("/") and "\\" not in name and ":" not in name
+               and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+               and len(entry["sha256"]) == 64 and isinstance(entry.get("bytes"), int)
+               and not isinstance(entry.get("bytes"), bool) and entry["bytes"] >= 0
+               for name, entry in artifacts.items())
+
+
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 10**20), st.floats(allow_nan=True),
+                       st.text(max_size=5), st.lists(st.integers(), max_size=3),
+                       st.dictionaries(st.text(max_size=4), st.integers() | st.text(max_size=3), max_size=3),
+                       st.builds(torch.zeros, st.integers(0, 3)))
+FIELDS = ["format_version", "arch", "model_kwargs", "state_dict", "dataset", "class_names", "normalization",
+          "framing", "metrics", "epoch", "config", "optimizer_state"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, min_size=1, max_size=3))
+def test_fuzzed_checkpoint_fields_are_refused_in_one_line(tmp_path_factory, odd):
+    from toolkit.checkpoint import build_deployable
+    from toolkit.export import model_metadata
+    from toolkit.models import create_model
+    from toolkit.train import load_resume_state
+
+    path = tmp_path_factory.mktemp("ck") / "odd.pt"
+    good = {"arch": "lenet", "model_kwargs": {}, "state_dict": create_model("lenet").state_dict(),
+            "dataset": "mnist", "class_names": [str(d) for d in range(10)],
+            "normalization": {"mean": 0.1307, "std": 0.3081}, "metrics": {"test_acc": 0.9, "history": []},
+            "epoch": 1, "config": {"arch": "lenet"}, "optimizer_state": {}}
+    torch.save({"format": "toolkit-checkpoint", **good, **odd}, path)
+    with contextlib.suppress(ToolkitError):
+        checkpoint = load_checkpoint(path)
+        build_deployable(checkpoint)
+        model_metadata(checkpoint, "0" * 64)
+        load_resume_state(path)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["image", "x", "input"]), st.sampled_from([FLOAT, UINT8, DOUBLE]),
+       st.sampled_from([("N", 1, 28, 28), ("N", 3, 32, 32), ("N", 28, 28, 1), ("N", 784, 1, 1), (1, 1, 28, 28)]),
+       st.lists(st.tuples(st.sampled_from(["logits", "probabilities", "scores"]), st.sampled_from([2, 3]),
+                          st.sampled_from([2, 10, 1000])), max_size=3, unique_by=lambda o: o[0]),
+       st.sampled_from([FLOAT, DOUBLE]), st.sampled_from([None, 3, 10]))
+def test_fuzzed_onnx_signatures_are_served_only_when_they_keep_the_contract(
+        tmp_path_factory, input_name, input_type, input_shape, outputs, output_type, classes):
+    from toolkit.runtime import Predictor
+
+    names = None if classes is None else [f"class {i}" for i in range(classes)]
+    path = foreign_onnx(tmp_path_factory.mktemp("onnx") / "model.onnx", input_name=input_name,
+                        input_type=input_type, input_shape=input_shape, outputs=tuple(outputs),
+                        output_type=output_type, class_names=names)
+    expected = {"logits", "probabilities"} <= {o[0] for o in outputs} and all(
+        rank == 2 and width == (classes or 10) for name, rank, width in outputs if name in ("logits", "probabilities"))
+    keeps_contract = (input_name == "image" and input_type == FLOAT and input_shape[1:] == (1, 28, 28)
+                      and output_type == FLOAT and expected)
+    try:
+        prediction = Predictor(path, provider="cpu").predict(np.zeros((28, 28), dtype=np.float32))
+    except ToolkitError:
+        assert not keeps_contract
+    else:
+        assert keeps_contract and len(prediction.labels) == (classes or 10)
+
+
+def test_two_trainings_with_one_name_cannot_share_the_run_dir(tmp_path, mnist_dir):
+    """The run dir is claimed before the data loads: one run gets it, the other is refused."""
+    quick = ["--epochs", "1", "--limit-train", "2000", "--device", "cpu", "--runs-dir", tmp_path, "--name", "same",
+             "--data-dir", mnist_dir]
+    processes = {arch: _start("train", arch, *quick) for arch in ("mlp", "lenet")}
+    outcomes = {arch: (p.wait(timeout=300), p.stderr.read()) for arch, p in processes.items()}
+    winners = [arch for arch, (code, _) in outcomes.items() if code == 0]
+    assert len(winners) == 1, outcomes
+    loser = next(arch for arch in outcomes if arch not in winners)
+    assert "already exists; pass another --name" in outcomes[loser][1]
+    run_dir = tmp_path / "same"
+    assert json.loads((run_dir / "config.json").read_text())["arch"] == winners[0]
+    assert load_checkpoint(run_dir / "best.pt")["arch"] == winners[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data-dir", "{missing}"], "not found under"),
+    (["--lr", "1e30", "--optimizer", "sgd"], "training diverged in epoch 1"),
+], ids=["no-data", "diverged"])
+def test_a_run_that_fails_before_its_first_epoch_leaves_its_name_free(tmp_path, mnist_dir, args, message):
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    quick = ["train", "lenet", "--epochs", "1", "--limit-train", "1000", "--device", "cpu", "--runs-dir", tmp_path,
+             "--name", "failed"]
+    result = run_cli(*quick, *args)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "failed").exists()
+    assert run_cli(*quick, "--data-dir", mnist_dir).returncode == 0  # the name is free again
+
+
+def test_a_run_that_diverges_later_stays_resumable_from_its_last_good_epoch(tmp_path, mnist_dir):
+    run_dir = tmp_path / "late"
+    base = ["--limit-train", "1000", "--device", "cpu", "--data-dir", mnist_dir]
+    assert run_cli("train", "lenet", "--epochs", "1", "--runs-dir", tmp_path, "--name", "late", *base).returncode == 0
+    # A learning rate of 1e30 in the saved optimizer, no schedule to reset it: the second epoch diverges.
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    for group in last["optimizer_state"]["param_groups"]:
+        group["lr"] = 1e30
+    last["scheduler_state"] = {}
+    last["config"]["scheduler"] = "none"
+    torch.save(last, run_dir / "last.pt")
+    result = run_cli("train", "lenet", "--resume", run_dir, "--epochs", "2", *base[2:])
+    assert result.returncode == 1 and "training diverged in epoch 2" in result.stderr, result.stderr
+    assert "last.pt holds epoch 1/2" in result.stderr and "--resume" in result.stderr
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+def test_onnx_external_data_is_part_of_the_integrity_check(export_dir, tmp_path):
+    import onnx
+
+    from toolkit.runtime import Predictor
+
+    target = tmp_path / "export"
+    shutil.copytree(export_dir, target)
+    model = onnx.load(str(target / "model.onnx"))
+    onnx.save_model(model, str(target / "model.onnx"), save_as_external_data=True, location="weights.bin",
+                    size_threshold=1024)
+    relist(target, "model.onnx", "weights.bin")
+    assert Predictor(target, provider="cpu").integrity.startswith("verified")
+    weights = bytearray((target / "weights.bin").read_bytes())
+    weights[100] ^= 0xFF
+    (target / "weights.bin").write_bytes(bytes(weights))
+    with pytest.raises(ToolkitError, match=r"weights\.bin does not match the sha256"):
+        Predictor(target, provider="cpu")
+    rewrite_manifest(target, lambda m: {**m, "artifacts": {k: v for k, v in m["artifacts"].items()
+                                                           if k != "weights.bin"}})
+    with pytest.raises(ToolkitError, match=r"does not list weights\.bin"):
+        Predictor(target, provider="cpu")
+
+
+def test_a_bare_onnx_file_is_served_but_said_to_be_unverified(tmp_path):
+    model = foreign_onnx(tmp_path / "model.onnx")
+    digit = sorted(EXAMPLES_DIR.glob("*.png"))[0]
+    for extra in ([], ["--json"]):
+        result = run_cli("predict", digit, "--model", model, *extra)
+        assert result.returncode == 0, result.stderr
+        assert "unverified: a bare .onnx file with no manifest" in result.stderr
+
+
+def test_predict_reads_only_regular_files(export_dir, tmp_path):
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    result = run_cli("predict", fifo, "--model", export_dir, "--json", timeout=120)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == [{"file": str(fifo), "error": "cannot read this image: not a regular file"}]
+
+
+def test_json_output_is_valid_json_even_when_the_model_answers_nan(tmp_path):
+    model = foreign_onnx(tmp_path / "model.onnx", weight=float("nan"))
+    digit = sorted(EXAMPLES_DIR.glob("*.png"))[0]
+    result = run_cli("predict", digit, "--model", model, "--json")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    rows = json.loads(result.stdout, parse_constant=refuse)
+    assert result.returncode == 1 and "not finite" in rows[0]["error"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -79,8 +82,21 @@ DataDirOption = Annotated[
 ]
 
 
+# What a resumed run keeps from its own config; `--epochs`, `--device` and `--data-dir` still apply.
+FIXED_ON_RESUME = ("dataset", "recipe", "batch_size", "lr", "optimizer", "momentum", "scheduler", "augment", "seed",
+                   "limit_train", "runs_dir", "name")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was set by the user rather than left at its default. By the source's
+    name: Typer's own copy of click has its own ParameterSource."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     arch: Annotated[str, typer.Argument(help="Model name from `toolkit models`, e.g. lenet.")],
     dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, kmnist or emnist-digits.")] = "mnist",
     data_dir: DataDirOption = None,
@@ -112,7 +128,14 @@ def train(
     from toolkit.train import train as run_training
 
     if resume is not None:
+        given = [name for name in FIXED_ON_RESUME if _given(ctx, name)]
+        if given:
+            raise ToolkitError(f"--{given[0].replace('_', '-')} cannot be changed with --resume: the run continues "
+                               "with its own settings (only --epochs, --device and --data-dir apply)")
         _, _, config = load_resume_state(resume)
+        if arch != config.arch:
+            raise ToolkitError(f"{resume} is a {config.arch} run, not {arch}: "
+                               f"resume it with `toolkit train {config.arch} --resume {resume}`")
         if epochs is not None:
             config.epochs = epochs
     else:
@@ -123,7 +146,7 @@ def train(
             limit_train=limit_train,
         )
     try:
-        with epoch_progress() as progress:
+        with _terminate_as_interrupt(), epoch_progress() as progress:
             result = run_training(
                 config, data_dir=data_dir, runs_dir=runs_dir, name=name, device=device.value,
                 resume=resume, progress=progress, log=console.print,
@@ -136,6 +159,20 @@ def train(
             f"{result.train_seconds:.1f}s of training"
         )
         console.print(f"run directory: {result.run_dir}")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """`kill` (SIGTERM) stops a training like Ctrl-C does: finished epochs are kept to resume,
+    a run with none is removed, instead of a claimed run dir left behind."""
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ExportFormat(str, Enum):
@@ -252,7 +289,8 @@ ModelOption = Annotated[
 ProviderOption = Annotated[Device, typer.Option(help="onnxruntime provider; auto: CUDA when it really loads.")]
 ThreadsOption = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")]
 IntegrityOption = Annotated[
-    bool, typer.Option("--skip-integrity-check", help="Serve a model whose sha256 differs from its manifest.")
+    bool, typer.Option("--skip-integrity-check",
+                       help="Serve a model whose files cannot be proven to match its export's manifest.")
 ]
 
 
@@ -277,10 +315,13 @@ def predict(
     predictor = Predictor(model or newest_export_dir(), provider=provider.value, threads=threads,
                           check_integrity=not skip_integrity_check)
     results = classify_files(predictor, images, top_k)
+    verified = predictor.integrity.startswith("verified")
+    if not json_output or not verified:
+        note = "" if verified else f" ({predictor.integrity})"
+        err_console.print(f"model {predictor.path} on onnxruntime-{predictor.provider}{note}", highlight=False)
     if json_output:
         typer.echo(json.dumps(results, indent=2))
     else:
-        err_console.print(f"model {predictor.path} on onnxruntime-{predictor.provider}", highlight=False)
         for result in results:
             if "error" in result:
                 console.print(f"{result['file']}: [red]{result['error']}", highlight=False)
@@ -328,6 +369,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Report dir (default: reports/RUN_NAME).")] = None,
     provider: ProviderOption = Device.auto,
     runs_dir: RunsDirOption = Path("runs"),
+    skip_integrity_check: IntegrityOption = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion.png and mistakes.png for the test set."""
     from rich.table import Table
@@ -337,7 +379,8 @@ def evaluate(
 
     model = model or newest_run_checkpoint(runs_dir)
     with console.status("evaluating..."):
-        report_dir, report = run_evaluation(model, out, dataset=dataset, data_dir=data_dir, provider=provider.value)
+        report_dir, report = run_evaluation(model, out, dataset=dataset, data_dir=data_dir, provider=provider.value,
+                                            check_integrity=not skip_integrity_check)
     table = Table(title=f"{report['model']} ({report['backend']}) on {report['dataset']}: "
                         f"accuracy {report['accuracy']:.2%}")
     for column in ("class", "precision", "recall", "F1", "support"):

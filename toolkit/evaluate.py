@@ -13,7 +13,7 @@ import torch
 from toolkit.checkpoint import build_deployable, checkpoint_file, load_checkpoint
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_json
+from toolkit.fileio import files_together, write_json
 from toolkit.plots import plot_confusion, plot_digit_grid
 
 MISTAKES_SHOWN = 32
@@ -32,19 +32,19 @@ class ScoringModel:
     logits: Callable[[np.ndarray], np.ndarray]
 
 
-def load_scoring_model(path: str | Path, provider: str = "auto") -> ScoringModel:
+def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integrity: bool = True) -> ScoringModel:
     """A checkpoint (.pt) or run dir, an export dir (its model.onnx) or an .onnx file."""
     path = Path(path)
     if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
         from toolkit.runtime import Predictor
 
-        predictor = Predictor(path, provider=provider)
+        predictor = Predictor(path, provider=provider, check_integrity=check_integrity)
         meta = predictor.metadata
-        if "dataset" not in meta:
+        if not isinstance(meta.get("dataset"), str):
             raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
         name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
-                            list(meta["class_names"]), lambda x: predictor.run(x)[0])
+                            predictor.class_names, lambda x: predictor.run(x)[0])
     path = checkpoint_file(path)
     checkpoint = load_checkpoint(path)
     model = build_deployable(checkpoint)
@@ -79,9 +79,10 @@ def evaluate(
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     provider: str = "auto",
+    check_integrity: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Score the whole test set and write evaluation.json, confusion.png and mistakes.png."""
-    model = load_scoring_model(model_path, provider)
+    model = load_scoring_model(model_path, provider, check_integrity=check_integrity)
     dataset = dataset or model.dataset
     spec = get_dataset(dataset)
     if len(spec.class_names) != len(model.class_names):
@@ -116,14 +117,15 @@ def evaluate(
         ],
     }
     title = f"{model.name} on {dataset}: accuracy {accuracy:.2%}"
-    plot_confusion(matrix, model.class_names, report_dir / "confusion.png", title)
-    plot_digit_grid(
-        pixels[wrong, 0],
-        # Two lines: Fashion-MNIST's "T-shirt/top → Ankle boot (0.94)" is wider than its cell.
-        [f"{model.class_names[labels[i]]}\n→ {model.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
-         for i in wrong],
-        report_dir / "mistakes.png",
-        f"most confident mistakes ({len(np.flatnonzero(predicted != labels))} in all)",
-    )
-    write_json(report_dir / "evaluation.json", report)
+    with files_together(report_dir) as stage:
+        plot_confusion(matrix, model.class_names, stage("confusion.png"), title)
+        plot_digit_grid(
+            pixels[wrong, 0],
+            # Two lines: Fashion-MNIST's "T-shirt/top → Ankle boot (0.94)" is wider than its cell.
+            [f"{model.class_names[labels[i]]}\n→ {model.class_names[predicted[i]]} "
+             f"({probabilities[i, predicted[i]]:.2f})" for i in wrong],
+            stage("mistakes.png"),
+            f"most confident mistakes ({len(np.flatnonzero(predicted != labels))} in all)",
+        )
+        write_json(stage("evaluation.json"), report)
     return report_dir, report

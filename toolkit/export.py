@@ -30,14 +30,16 @@ from toolkit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from toolkit.contract import INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
+from toolkit.manifest import FORMAT as MANIFEST_FORMAT
+from toolkit.manifest import MANIFEST, PARITY, files_in, read_manifest, unlisted_files
+from toolkit.manifest import VERSION as MANIFEST_VERSION
 from toolkit.preprocess import Framing
 
 FORMATS = ("onnx", "torchscript", "all", "triton")
-INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
 MIN_OPSET, MAX_OPSET = 18, 23
-MANIFEST_VERSION = 1
 CALIBRATION_IMAGES = 500
 
 
@@ -233,6 +235,7 @@ def export_checkpoint(
         write_triton_repository(out_dir / "model.onnx", out_dir / "triton", options.triton_name,
                                 len(checkpoint["class_names"]))
     manifest = {
+        "format": MANIFEST_FORMAT,
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command,
@@ -242,25 +245,25 @@ def export_checkpoint(
         "artifacts": artifact_table(out_dir),
         "parity": None,
     }
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
 def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Every file in the export (manifest and parity report aside) with size and sha256."""
-    table = {}
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(out_dir).as_posix()
-        if rel in ("manifest.json", "parity.json") or path.name.startswith("."):
-            continue
-        table[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return table
+    return {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
+            for name in files_in(out_dir) if name not in (MANIFEST, PARITY)}
 
 
 @contextlib.contextmanager
 def staged_directory(target: str | Path) -> Iterator[Path]:
-    """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds."""
+    """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds.
+
+    A symbolic link is followed: the folder it points to is replaced, the link stays.
+    """
     target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
     _check_replaceable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,15 +285,26 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
 
 
 def _check_replaceable(target: Path) -> None:
-    """Only a previous export (it holds manifest.json) or an empty folder may be replaced, so a
-    mistyped `--out .` or `--out ~/Documents` fails instead of deleting what is there."""
+    """Only a previous export or an empty folder may be replaced, so a mistyped `--out .` or
+    `--out ~/Documents`, or a folder that merely holds a manifest.json, is refused instead of
+    deleted. A previous export is a folder whose manifest parses as this toolkit's and lists
+    every file in it: nothing a person added beside the artifacts is ever removed."""
     if not target.exists():
         return
     if not target.is_dir():
         raise ToolkitError(f"{target} exists and is not a folder; choose another --out")
-    if not (target / "manifest.json").is_file() and any(target.iterdir()):
-        raise ToolkitError(f"{target} is a folder but not a toolkit export (no manifest.json); refusing to "
-                           "replace it, choose a new or empty --out")
+    if not any(target.iterdir()):
+        return
+    try:
+        manifest = read_manifest(target)
+    except ToolkitError as exc:
+        raise ToolkitError(f"{target} is a folder but not a toolkit export ({exc}); refusing to replace it, "
+                           "choose a new or empty --out") from None
+    unlisted = unlisted_files(target, manifest)
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        raise ToolkitError(f"{target} holds files its manifest does not list ({shown}); refusing to replace it, "
+                           "move them away or choose another --out")
 
 
 def _remove_abandoned_stages(target: Path) -> None:

@@ -14,6 +14,17 @@ from typing import Any
 from toolkit.errors import ToolkitError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes 0600 files; artifacts get the permissions any new file of this user would get,
+# so that another account (a Triton container, a web server) can read an export.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _temp_file_beside(target: Path) -> Path:
     """Create an empty temporary file in `target`'s folder (made if missing), or fail clearly."""
     if target.is_dir():
@@ -24,6 +35,7 @@ def _temp_file_beside(target: Path) -> Path:
     except OSError as exc:
         raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
+    os.chmod(tmp_name, _FILE_MODE)
     return Path(tmp_name)
 
 
@@ -50,6 +62,33 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def files_together(folder: str | Path) -> Iterator[Callable[[str], Path]]:
+    """Yield `stage(name)`: a temporary path standing for `folder/name`. When the block succeeds
+    every staged file replaces its target; when it fails none does, so a report is never half
+    old and half new."""
+    folder = Path(folder)
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(name: str) -> Path:
+        target = folder / name
+        staged.append((_temp_file_beside(target), target))
+        return staged[-1][0]
+
+    try:
+        yield stage
+        for tmp, _ in staged:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise ToolkitError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def write_atomic(target: str | Path, writer: Callable[[Path], Any]) -> Path:

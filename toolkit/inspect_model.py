@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from toolkit.checkpoint import build_model, checkpoint_file, load_checkpoint
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_json
+from toolkit.fileio import files_together, write_json
 from toolkit.models import count_parameters, create_model, list_models
 from toolkit.plots import plot_feature_maps, plot_filters
 
@@ -106,23 +106,23 @@ def inspect_model(
     }
     conv, activation = first_conv_and_activation(model)
     state = "trained" if trained else "untrained"
-    if conv is None:
-        report["notes"].append("no convolutional layer: no filters or feature maps to draw")
-    else:
-        plot_filters(conv.weight.detach().numpy(), out_dir / "filters.png",
-                     f"{name}: first conv layer's {conv.out_channels} kernels ({state})")
-        report["pictures"].append("filters.png")
-        digits, labels = one_digit_per_class(dataset, data_dir)
-        captured: list[torch.Tensor] = []
-        hook = (activation or conv).register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            with torch.no_grad():
-                model((torch.from_numpy(digits) - mean) / std)
-        finally:
-            hook.remove()
-        after = type(activation).__name__ if activation is not None else "no nonlinearity"
-        plot_feature_maps(digits[:, 0], captured[0].numpy(), labels, out_dir / "feature_maps.png",
-                          f"{name}: first conv layer's activations (after {after})")
-        report["pictures"].append("feature_maps.png")
-    write_json(out_dir / "inspect.json", report)
+    with files_together(out_dir) as stage:  # a failed run leaves an earlier report as it was
+        if conv is None:
+            report["notes"].append("no convolutional layer: no filters or feature maps to draw")
+        else:
+            digits, labels = one_digit_per_class(dataset, data_dir)
+            plot_filters(conv.weight.detach().numpy(), stage("filters.png"),
+                         f"{name}: first conv layer's {conv.out_channels} kernels ({state})")
+            captured: list[torch.Tensor] = []
+            hook = (activation or conv).register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                with torch.no_grad():
+                    model((torch.from_numpy(digits) - mean) / std)
+            finally:
+                hook.remove()
+            after = type(activation).__name__ if activation is not None else "no nonlinearity"
+            plot_feature_maps(digits[:, 0], captured[0].numpy(), labels, stage("feature_maps.png"),
+                              f"{name}: first conv layer's activations (after {after})")
+            report["pictures"] += ["filters.png", "feature_maps.png"]
+        write_json(stage("inspect.json"), report)
     return out_dir, report

@@ -136,6 +136,8 @@ def frame_stroke_width(image: np.ndarray) -> float:
 
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Open an image file (or its bytes) safely: size-checked before decoding, first frame only."""
+    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
+        raise ImageReadError("cannot read this image: not a regular file")  # a FIFO or device may never end
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size below

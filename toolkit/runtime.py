@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from toolkit.classes import DIGITS
+from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
+from toolkit.manifest import MANIFEST, IntegrityError, check_onnx_model, read_manifest
 from toolkit.preprocess import Framing
 
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -54,10 +57,22 @@ def _preload_cuda_libraries(ort: Any) -> None:
             preload()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """More threads than cores only makes each of them wait (1,000 threads: a minute an image)."""
+    if threads is not None and not 1 <= threads <= usable_cores():
+        raise ToolkitError(f"threads must be between 1 and {usable_cores()} (the cores here), got {threads}")
+
+
 def create_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> Any:
     """An InferenceSession on `provider`; `cuda` that cannot really load is an error, not a fallback."""
     if provider not in PROVIDERS:
         raise ToolkitError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    check_threads(threads)
     ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -107,16 +122,8 @@ def resolve_onnx_path(model: str | Path) -> Path:
     return path
 
 
-def check_model_file(path: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a model that differs from its export's manifest or fails the ONNX checker."""
-    from toolkit.fileio import sha256_file
-
-    listed = (manifest.get("artifacts") or {}).get(path.name)
-    if listed and sha256_file(path) != listed.get("sha256"):
-        raise ToolkitError(
-            f"{path} does not match the sha256 in its manifest.json (changed after export?); "
-            "re-export it, or pass --skip-integrity-check if you trust it"
-        )
+def check_onnx_file(path: Path) -> None:
+    """Refuse a file that fails the ONNX checker, with one line saying why."""
     import onnx
 
     try:
@@ -125,6 +132,57 @@ def check_model_file(path: Path, manifest: dict[str, Any]) -> None:
         raise ToolkitError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ToolkitError(f"{path} is not a valid ONNX model ({type(exc).__name__})") from exc
+
+
+def prove_integrity(model: Path, path: Path) -> tuple[dict[str, Any], str]:
+    """(manifest, verdict) for the ONNX model `path` that the user named as `model`.
+
+    An export dir, or a model beside a manifest.json, must match its manifest (the model and its
+    external data); a bare .onnx file with no manifest beside it is served as unverified.
+    """
+    export_dir = path.parent
+    if not model.is_dir() and not (export_dir / MANIFEST).exists() and not (export_dir / MANIFEST).is_symlink():
+        return {}, "unverified: a bare .onnx file with no manifest"
+    try:
+        manifest = read_manifest(export_dir)
+        check_onnx_model(export_dir, path.name, manifest)
+    except IntegrityError as exc:
+        raise IntegrityError(f"refusing to serve {path}: {exc}; re-export it, or pass --skip-integrity-check "
+                             "if you trust it") from None
+    return manifest, "verified against its manifest"
+
+
+def check_signature(session: Any, num_classes: int) -> None:
+    """The model keeps the serving contract: one float32 `image` input [N, 1, 28, 28] and float32
+    `logits` and `probabilities` outputs [N, num_classes]."""
+    inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
+    names = [i.name for i in inputs]
+    if names != [INPUT_NAME]:
+        raise ToolkitError(f"the model takes inputs {names}, not one input {INPUT_NAME!r}: it is not a toolkit export")
+    image = inputs[0]
+    if image.type != "tensor(float)":
+        raise ToolkitError(f"the model's {INPUT_NAME!r} input is {image.type}, expected tensor(float) (float32)")
+    fixed = [d if isinstance(d, int) else None for d in image.shape[1:]]
+    if len(image.shape) != 4 or any(d not in (None, want) for d, want in zip(fixed, IMAGE_SHAPE, strict=True)):
+        raise ToolkitError(f"the model's {INPUT_NAME!r} input has shape {image.shape}, expected [N, 1, 28, 28]")
+    for name in OUTPUT_NAMES:
+        output = outputs.get(name)
+        if output is None:
+            raise ToolkitError(f"the model has outputs {list(outputs)}, not {' and '.join(OUTPUT_NAMES)}")
+        if output.type != "tensor(float)" or len(output.shape) != 2:
+            raise ToolkitError(f"the model's {name!r} output is {output.type} {output.shape}, expected float32 "
+                               "[N, classes]")
+        if isinstance(output.shape[1], int) and output.shape[1] != num_classes:
+            raise ToolkitError(f"the model's {name!r} output has {output.shape[1]} classes but its metadata names "
+                               f"{num_classes}")
+
+
+def _class_names(metadata: dict[str, Any]) -> list[str]:
+    """Class names from the model's metadata (the ten digits when absent)."""
+    names = metadata.get("class_names", list(DIGITS))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ToolkitError(f"the model's metadata has unreadable class names: {str(names)[:80]}")
+    return names
 
 
 @dataclass
@@ -155,27 +213,25 @@ class Predictor:
         self, model: str | Path, provider: str = "auto", threads: int | None = None, *, check_integrity: bool = True
     ) -> None:
         self.path = resolve_onnx_path(model)
-        self.manifest = self._read_manifest()
         if check_integrity:
-            check_model_file(self.path, self.manifest)
+            self.manifest, self.integrity = prove_integrity(Path(model), self.path)
+        else:
+            self.manifest, self.integrity = self._manifest_if_readable(), "not checked (--skip-integrity-check)"
+        check_onnx_file(self.path)
         self.session = create_session(self.path, provider, threads)
         self.provider = session_provider(self.session)
         self.metadata = read_onnx_metadata(self.session)
-        self.class_names: list[str] = list(
-            self.metadata.get("class_names") or DIGITS
-        )
         try:
+            self.class_names = _class_names(self.metadata)
+            check_signature(self.session, len(self.class_names))
             self.framing = Framing.from_dict(self.metadata.get("framing"))
         except ToolkitError as exc:
-            raise ToolkitError(f"{self.path} has unreadable framing metadata: {exc}") from None
+            raise ToolkitError(f"cannot serve {self.path}: {exc}") from None
 
-    def _read_manifest(self) -> dict[str, Any]:
-        manifest = self.path.parent / "manifest.json"
-        if not manifest.is_file():
-            return {}
+    def _manifest_if_readable(self) -> dict[str, Any]:
         try:
-            return json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
+            return read_manifest(self.path.parent)
+        except ToolkitError:
             return {}
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,11 +247,22 @@ class Predictor:
         if not np.isfinite(batch).all():
             raise ToolkitError("images contain NaN or infinite values")
         batch = np.ascontiguousarray(batch)
-        if self.provider != "cpu" or len(batch) <= CPU_CHUNK:
-            logits, probabilities = self.session.run(None, {"image": batch})
-            return logits, probabilities
-        chunks = [self.session.run(None, {"image": batch[i : i + CPU_CHUNK]}) for i in range(0, len(batch), CPU_CHUNK)]
+        step = len(batch) if self.provider != "cpu" else CPU_CHUNK
+        chunks = [self._run_checked(batch[i : i + step]) for i in range(0, len(batch), step)]
+        if len(chunks) == 1:
+            return chunks[0]
         return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def _run_checked(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One onnxruntime run whose outputs keep the contract: [N, classes], finite."""
+        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        expected = (len(batch), len(self.class_names))
+        if logits.shape != expected or probabilities.shape != expected:
+            raise ToolkitError(f"the model answered shapes {list(logits.shape)} and {list(probabilities.shape)} "
+                               f"for {len(batch)} images, expected {list(expected)}")
+        if not (np.isfinite(logits).all() and np.isfinite(probabilities).all()):
+            raise ToolkitError("the model's output is not finite (NaN or infinity): the model is broken")
+        return logits, probabilities
 
     def predict(self, image: np.ndarray) -> Prediction:
         """Ranked classes for one 28x28 image."""
@@ -216,5 +283,6 @@ class Predictor:
             "dataset": self.metadata.get("dataset"),
             "test_accuracy": self.metadata.get("test_accuracy"),
             "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+            "integrity": self.integrity,
             "provider": self.provider,
         }

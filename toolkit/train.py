@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from toolkit.preprocess import Framing, measure_framing
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULERS = ("onecycle", "step", "none")
 RECIPES = ("default", "notebook")
+MAX_SEED = 2**32 - 1  # seeds are mixed with epoch numbers and must stay within torch's 64-bit range
 
 
 @dataclass
@@ -58,16 +61,20 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ToolkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ToolkitError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ToolkitError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ToolkitError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ToolkitError(f"weight decay must be a number >= 0, got {self.weight_decay}")
         if self.limit_train is not None and self.limit_train <= 0:
             raise ToolkitError(f"--limit-train must be positive, got {self.limit_train}")
         if self.optimizer not in OPTIMIZERS:
             raise ToolkitError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise ToolkitError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        if not self.std > 0:
-            raise ToolkitError(f"normalization std must be positive, got {self.std}")
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ToolkitError(f"normalization needs a finite mean and a positive std, got {self.mean}, {self.std}")
         if not 0 <= self.momentum < 1:
             raise ToolkitError(f"--momentum must be in [0, 1), got {self.momentum}")
 
@@ -120,9 +127,12 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Stepped once per batch."""
     if config.scheduler == "onecycle":
+        # A quarter of the steps warm up, but more than one: OneCycleLR divides by zero when the
+        # warm-up ends on step 1 (four steps in all).
+        total = config.epochs * steps_per_epoch
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=0.25,
+            pct_start=min(0.75, max(0.25, 1.5 / total)),
         )
     if config.scheduler == "step":
         # pytorch/examples' MNIST recipe: decay by 0.7 after every epoch.
@@ -270,32 +280,68 @@ def train(
     if ddp.enabled and torch_device.type == "cuda":
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(torch_device)
-    creating = resume is None
-    if ddp.is_main and creating and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
+    made_dir = False
+    if ddp.is_main and resume is None:
+        made_dir = _claim_run_dir(run_dir, config)
     try:
         return _run(config, run_dir, data_dir, torch_device, ddp, start_epoch, history,
-                    resume_checkpoint, progress, log, creating=creating)
-    except KeyboardInterrupt:
+                    resume_checkpoint, progress, log)
+    except BaseException as exc:
         if not ddp.is_main:
             raise
-        raise TrainingInterrupted(_keep_finished_epochs(run_dir, config, creating=creating)) from None
+        kept = _keep_finished_epochs(run_dir, config, new_run=resume is None, made_dir=made_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            message = f"training interrupted; {kept}" if kept else (
+                "training interrupted before its first epoch finished; nothing was kept")
+            raise TrainingInterrupted(message) from None
+        if isinstance(exc, ToolkitError) and kept:
+            raise ToolkitError(f"{exc}; {kept}") from exc
+        raise
     finally:
         ddp.close()
 
 
-def _keep_finished_epochs(run_dir: Path, config: TrainConfig, *, creating: bool) -> str:
-    """After Ctrl-C: plot the epochs last.pt holds and say how to go on; a new run with none is removed."""
+RUN_FILES = ("config.json", "best.pt", "last.pt", "metrics.json", "curves.png")
+
+
+def _claim_run_dir(run_dir: Path, config: TrainConfig) -> bool:
+    """Make `run_dir` this run's alone before any work, by creating its config.json exclusively:
+    of two runs started with the same name, one gets it and the other is refused. Returns whether
+    the folder was made here (rather than found empty)."""
+    taken = ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise taken
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise taken from None
+    except OSError as exc:
+        raise ToolkitError(f"cannot write to {run_dir}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dataclasses.asdict(config), fh, indent=2)
+        fh.write("\n")
+    return made
+
+
+def _keep_finished_epochs(run_dir: Path, config: TrainConfig, *, new_run: bool, made_dir: bool) -> str | None:
+    """After a failed or interrupted run: a run whose last.pt holds finished epochs is kept to be
+    resumed (its curves drawn; returns what it holds and how to go on), a new run with none is
+    removed so its name can be used again (returns None)."""
     last = run_dir / "last.pt"
     if not last.exists():
-        if creating:  # the folder was empty or missing before this run: all in it is ours
-            (run_dir / "config.json").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-        return "training interrupted before its first epoch finished; nothing was kept"
+        if new_run:  # every file in the folder is this run's: it was claimed empty
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+        return None
     history = load_checkpoint(last)["metrics"]["history"]
-    _draw_curves(run_dir, config, history)
-    return (f"training interrupted; {last} holds epoch {history[-1]['epoch']}/{config.epochs} "
+    with contextlib.suppress(ToolkitError, OSError):  # the curves are a convenience; the run is what matters
+        _draw_curves(run_dir, config, history)
+    return (f"{last} holds epoch {history[-1]['epoch']}/{config.epochs} "
             f"(best test accuracy {max(h['test_acc'] for h in history):.2%}); "
             f"continue with: toolkit train {config.arch} --resume {run_dir}")
 
@@ -304,7 +350,7 @@ def _run(
     config: TrainConfig, run_dir: Path, data_dir: str | Path | None, device: torch.device,
     ddp: Distributed, start_epoch: int, history: list[dict[str, Any]],
     resume_checkpoint: dict[str, Any] | None, progress: ProgressFactory | None,
-    log: Callable[[str], None], *, creating: bool,
+    log: Callable[[str], None],
 ) -> RunResult:
     spec = get_dataset(config.dataset)
     train_split = load_split(config.dataset, data_dir, train=True)
@@ -315,9 +361,6 @@ def _run(
         train_split.labels = train_split.labels[: config.limit_train]
     train_x, train_y = train_split.pixels(device), train_split.labels.to(device)
     test_x, test_y = test_split.pixels(device), test_split.labels.to(device)
-
-    if ddp.is_main and creating:
-        write_json(run_dir / "config.json", dataclasses.asdict(config))
 
     torch.manual_seed(config.seed)
     model = create_model(config.arch, **config.model_kwargs).to(device)
@@ -379,6 +422,9 @@ def _run(
             seconds=time.perf_counter() - started,
             lr=optimizer.param_groups[0]["lr"],
         )
+        if not math.isfinite(stats.train_loss):
+            raise ToolkitError(f"training diverged in epoch {epoch} (the loss became {stats.train_loss}); "
+                               "try a lower learning rate")
         history.append(dataclasses.asdict(stats))
         if not ddp.is_main:
             continue

@@ -19,7 +19,8 @@ from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.export import ExportOptions, export_checkpoint, staged_directory
-from toolkit.fileio import read_json, sha256_file, write_json
+from toolkit.fileio import write_json
+from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, check_onnx_model, read_manifest, unlisted_files
 from toolkit.runtime import create_session, cuda_provider_usable
 
 DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
@@ -124,6 +125,23 @@ def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[]
     return found
 
 
+def integrity_problems(export_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """artifact -> what is wrong, for every listed file that is missing or changed, every ONNX
+    external-data file not listed, and every file the manifest does not list."""
+    problems = {}
+    for artifact in manifest["artifacts"]:
+        try:
+            if artifact.endswith(".onnx"):
+                check_onnx_model(export_dir, artifact, manifest)
+            else:
+                check_artifact(export_dir, artifact, manifest)
+        except IntegrityError as exc:
+            problems[artifact] = str(exc)
+    for name in unlisted_files(export_dir, manifest):
+        problems[name] = f"not listed in {MANIFEST} (added after export?)"
+    return problems
+
+
 def _run_all(
     runner: Runner, batches: list[np.ndarray], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -149,10 +167,7 @@ def verify_export(
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ToolkitError(f"export dir not found: {export_dir}")
-    manifest_path = export_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ToolkitError(f"{export_dir} has no manifest.json; is it a `toolkit export` output?")
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(export_dir)
     checkpoint = load_checkpoint(export_dir / "model.pt")
     reference = build_deployable(checkpoint)
 
@@ -168,10 +183,7 @@ def verify_export(
         passed=True, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop, dataset=checkpoint["dataset"],
         samples=len(ref_logits), edge_cases=edge_names, reference_accuracy=ref_acc,
     )
-    for artifact, expected in (manifest.get("artifacts") or {}).items():
-        path = export_dir / artifact
-        if path.is_file() and sha256_file(path) != expected.get("sha256"):
-            report.integrity[artifact] = "sha256 differs from manifest.json (file changed after export)"
+    report.integrity = integrity_problems(export_dir, manifest)
 
     for name, (artifact, kind, factory) in discover_backends(export_dir).items():
         if progress:
@@ -221,8 +233,8 @@ def _compare(
 
 def attach_parity(export_dir: str | Path, report: ParityReport) -> None:
     """Record the parity summary in the manifest."""
-    path = Path(export_dir) / "manifest.json"
-    manifest = read_json(path)
+    path = Path(export_dir) / MANIFEST
+    manifest = read_manifest(export_dir)
     manifest["parity"] = {
         "passed": report.passed, "atol": report.atol, "rtol": report.rtol,
         "reference_accuracy": report.reference_accuracy,

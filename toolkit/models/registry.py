@@ -84,8 +84,8 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     entry = get_entry(name)
     try:
         return entry.builder(**kwargs)
-    except TypeError as exc:
-        raise ToolkitError(f"bad arguments for model {name!r}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # what nn layers raise for odd sizes
+        raise ToolkitError(f"bad arguments for model {name!r}: {str(exc).splitlines()[0]}") from exc
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,127 @@
+"""The export manifest: what an export dir holds, and the proof that its files are the ones written.
+
+`manifest.json` lists every file of an export with its size and sha256. It is the one thing that
+makes a folder a toolkit export: only a folder whose manifest parses as this toolkit's and
+lists every file in it may be replaced by a new export, and a model is served only when its
+bytes (and those of its ONNX external data) match the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.fileio import read_json, sha256_file
+
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+FORMAT = "toolkit-export"
+VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class IntegrityError(ToolkitError):
+    """An export's files cannot be proven to be the ones its manifest lists."""
+
+
+def read_manifest(export_dir: str | Path) -> dict[str, Any]:
+    """The export's manifest, checked: a JSON object with this toolkit's format marker and
+    version, and an artifact table of safe relative names with sizes and sha256s."""
+    path = Path(export_dir) / MANIFEST
+    if not path.exists():
+        raise IntegrityError(f"{export_dir} has no {MANIFEST}")
+    if not path.is_file():
+        raise IntegrityError(f"{path} is not a file")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path} is not a toolkit export manifest (a JSON {type(manifest).__name__}, "
+                             "not an object)")
+    if manifest.get("format") != FORMAT:
+        raise IntegrityError(f"{path} is not a toolkit export manifest (no '{FORMAT}' format marker)")
+    version = manifest.get("manifest_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        raise IntegrityError(f"{path} has manifest version {version!r}; this toolkit reads 1..{VERSION}")
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, dict):
+        raise IntegrityError(f"{path} has no artifact table")
+    for name, entry in artifacts.items():
+        _check_entry(path, name, entry)
+    return manifest
+
+
+def _check_entry(path: Path, name: Any, entry: Any) -> None:
+    """An artifact entry must name a file inside the export and carry its size and sha256."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or name.startswith("/") or "\\" in name or ".." in parts or ":" in name or name in (MANIFEST, PARITY):
+        raise IntegrityError(f"{path} lists an artifact outside the export dir or not a file: {name!r}")
+    if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+            or not _SHA256.fullmatch(entry["sha256"])):
+        raise IntegrityError(f"{path} has no sha256 for {name}")
+    size = entry.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise IntegrityError(f"{path} has no size for {name}")
+
+
+def files_in(export_dir: Path) -> list[str]:
+    """Every entry under `export_dir` that is not a plain folder (files, links, FIFOs...), as
+    POSIX relative names; symbolic links to folders are not followed."""
+    found = []
+    for root, dirs, files in os.walk(export_dir):
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        dirs[:] = [d for d in dirs if d not in links]
+        found += [(Path(root) / name).relative_to(export_dir).as_posix() for name in files + links]
+    return sorted(found)
+
+
+def unlisted_files(export_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files in the export that its manifest does not list (the manifest and parity report aside)."""
+    listed = set(manifest["artifacts"]) | {MANIFEST, PARITY}
+    return [name for name in files_in(export_dir) if name not in listed]
+
+
+def check_artifact(export_dir: Path, name: str, manifest: dict[str, Any]) -> None:
+    """The file `name` exists as listed: a regular file with the listed sha256."""
+    entry = manifest["artifacts"].get(name)
+    if entry is None:
+        raise IntegrityError(f"{export_dir}/{MANIFEST} does not list {name}")
+    path = export_dir / name
+    if path.is_symlink() or not path.is_file():
+        raise IntegrityError(f"{path} is listed in {MANIFEST} but is missing or not a regular file")
+    if sha256_file(path) != entry["sha256"]:
+        raise IntegrityError(f"{path} does not match the sha256 in {MANIFEST} (changed after export?)")
+
+
+def check_onnx_model(export_dir: Path, name: str, manifest: dict[str, Any]) -> None:
+    """The ONNX model `name` and every external-data file it reads match the export's manifest."""
+    check_artifact(export_dir, name, manifest)
+    folder = posixpath.dirname(name)
+    for location in external_data_files(export_dir / name):
+        check_artifact(export_dir, posixpath.normpath(posixpath.join(folder, location)), manifest)
+
+
+def external_data_files(model_path: Path) -> list[str]:
+    """The files an ONNX model keeps tensors in (its external data), relative to its folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ToolkitError(f"{model_path} is not a valid ONNX model ({type(exc).__name__})") from exc
+    locations = {ExternalDataInfo(tensor).location for tensor in _tensors(model.graph) if uses_external_data(tensor)}
+    return sorted(location.replace("\\", "/") for location in locations)
+
+
+def _tensors(graph: Any) -> list[Any]:
+    """Initializers and tensor-valued attributes of a graph and its subgraphs."""
+    tensors = list(graph.initializer) + [sparse.values for sparse in graph.sparse_initializer]
+    for node in graph.node:
+        for attribute in node.attribute:
+            tensors += ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                tensors += _tensors(subgraph)
+    return tensors
