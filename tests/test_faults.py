@@ -94,14 +94,16 @@ def test_ctrl_c_during_training_keeps_finished_epochs_and_names_the_resume_comma
     assert [epoch["epoch"] for epoch in _history(run_dir)] == [1, 2, 3, 4]
 
 
-def test_ctrl_c_before_the_first_epoch_leaves_no_run_dir(tmp_path, mnist_dir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_before_the_first_epoch_leaves_no_run_dir(tmp_path, mnist_dir, signum):
     run_dir = tmp_path / "early"
-    # All 60,000 images: the first epoch takes seconds, so Ctrl-C lands inside it.
+    # All 60,000 images: loading them and the first epoch take seconds, so the signal lands inside.
     process = _start("train", "lenet", "--device", "cpu", "--runs-dir", tmp_path, "--name", "early",
                      "--data-dir", mnist_dir)
-    _wait_for(run_dir / "config.json", process)  # written once the data is loaded
-    code, stderr = _ctrl_c(process)
-    assert code in INTERRUPTED, stderr
+    _wait_for(run_dir / "config.json", process)  # the run dir is claimed: the run has begun
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode in INTERRUPTED, stderr
     assert "training interrupted before its first epoch finished; nothing was kept" in stderr
     assert not run_dir.exists()  # so the same --name can be used again
 
