@@ -48,13 +48,19 @@ def test_bench_classify_times_each_kind_of_request(export_dir, tmp_path):
 def test_bench_serve_drives_concurrent_clients(export_dir, tmp_path):
     out = tmp_path / "serve.json"
     result = run_cli("bench", "serve", export_dir, "--clients", "2", "--requests", "6", "--malformed-every", "3",
-                     "--json", out)
+                     "--sample-every", "2", "--json", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     # Well-formed requests answered with their label, corrupt ones rejected readably: no errors.
     assert data["requests"] == 6 and data["malformed_requests"] == 2 and data["errors"] == 0, data["error_examples"]
     assert data["p50_ms"] > 0 and data["server_side_p50_ms"] > 0
     assert data["server_rss_mb_before"] > 0
+    # The soak: RSS read before the load and every 2 requests, its growth fitted.
+    assert [s["requests"] for s in data["rss_samples"]] == [0, 2, 4, 6]
+    assert all(s["rss_mb"] > 0 for s in data["rss_samples"])
+    assert all(isinstance(data[key], float)
+               for key in ("rss_slope_mb_per_1000", "rss_slope_second_half_mb_per_1000"))
+    assert "RSS slope" in result.stdout
 
 
 def test_bench_rejects_bad_batch_sizes(export_dir):

@@ -1,16 +1,22 @@
 """The demo as people and programs use it: a real Gradio server, gradio_client, headless Chromium."""
 
+import base64
+import contextlib
 import itertools
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.conftest import REPO
-from toolkit.app import EXAMPLES_DIR, launch
+from toolkit.app import EXAMPLES_DIR, MAX_BODY, launch
 from toolkit.bench import example_label, free_port
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
@@ -80,6 +86,130 @@ def test_sketch_endpoint_accepts_an_editor_value(client, tmp_path):
     canvas.save(path)
     value = {"background": handle_file(str(path)), "layers": [], "composite": handle_file(str(path)), "id": None}
     assert _label(client.predict(value, api_name="/predict_sketch")) == "4"
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """13000x13000 (169 Mpx: over the 40 Mpx cap, under PIL's own bomb limit of 179 Mpx) in a
+    46 KB PNG; decoded as the sketchpad's RGBA it takes 676 MB."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    Image.new("1", (13_000, 13_000), 1).save(path)
+    return path
+
+
+def _kb(field):
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def peak_rss_growth():
+    """The growth of this process's peak RSS (the test server runs in it) over the block, in MB."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before, growth = _kb("VmRSS"), {}
+    yield growth
+    growth["mb"] = (_kb("VmHWM") - before) / 1024
+
+
+def _still_serves(client):
+    assert _label(client.predict(handle_file(str(EXAMPLES[0])), api_name="/predict")) == "7"
+
+
+@pytest.mark.parametrize("part", ["composite", "layers"])
+def test_a_sketch_over_the_pixel_cap_is_refused_before_it_is_decoded(client, huge_png, part):
+    value = {"background": None, "layers": [], "composite": None, "id": None}
+    value[part] = [handle_file(str(huge_png))] if part == "layers" else handle_file(str(huge_png))
+    with peak_rss_growth() as growth, pytest.raises(AppError, match="13000x13000 is too large"):
+        client.predict(value, api_name="/predict_sketch")
+    assert growth["mb"] < 200, growth  # only its header was read
+    _still_serves(client)
+
+
+def _call(http, api_name, data):
+    """A Gradio REST call: the event's result stream."""
+    event = http.post(f"call/{api_name}", json={"data": data})
+    event.raise_for_status()
+    return http.get(f"call/{api_name}/{event.json()['event_id']}").text
+
+
+def test_sketch_images_the_browser_posts_ahead_are_checked_too(server, client, huge_png):
+    with httpx.Client(base_url=f"{server}gradio_api/", timeout=120) as http:
+        components = http.get(f"{server}config").json()["components"]
+        form = {"id": "sketch-1", "type": "composite", "index": "null", "fn_name": "accept_blobs",
+                "session_hash": "test", "component_id": str(next(c["id"] for c in components
+                                                                 if c["type"] == "imageeditor"))}
+        posted = http.post("component_server/", data=form, files={"file": ("c.png", huge_png.read_bytes())})
+        assert posted.status_code == 200, posted.text
+        with peak_rss_growth() as growth:
+            stream = _call(http, "predict_sketch", [{"id": "sketch-1", "background": None, "layers": [],
+                                                     "composite": None}])
+        assert "event: error" in stream and "13000x13000 is too large" in stream, stream
+        assert growth["mb"] < 200, growth
+        bad_layer = http.post("component_server/", data={**form, "type": "layer", "index": "x"},
+                              files={"file": ("c.png", EXAMPLES[0].read_bytes())})
+        assert bad_layer.status_code == 400 and "layer" in bad_layer.json()["detail"]
+    _still_serves(client)
+
+
+def test_only_uploaded_files_are_read(server, client):
+    # Gradio's image component opens any path on the server when `meta` is left out, and its
+    # refusal of a path outside its upload folder prints the path (a payload's size) into the log.
+    long_path = {"path": "/tmp/gradio/" + "x" * 1_000_000, "meta": {"_type": "gradio.FileData"}}
+    requests = [("predict", [{"path": str(EXAMPLES[0])}]),
+                ("predict_sketch", [{"composite": long_path, "layers": []}])]
+    with httpx.Client(base_url=f"{server}gradio_api/", timeout=120) as http:
+        for api_name, data in requests:
+            refused = http.post(f"call/{api_name}", json={"data": data})
+            assert refused.status_code == 400 and "not uploaded to this server" in refused.text, refused.text[:300]
+            assert len(refused.text) < 200
+    _still_serves(client)
+
+
+def _post_head(sock, server, route, length_header):
+    host = urlsplit(server).hostname
+    sock.sendall(f"POST /gradio_api/{route} HTTP/1.1\r\nHost: {host}\r\n"
+                 f"Content-Type: application/json\r\n{length_header}\r\n\r\n".encode())
+
+
+def _reply(sock):
+    """The server's answer, read until its body has come or the connection closes."""
+    reply = b""
+    while b"too large" not in reply and (chunk := sock.recv(65536)):
+        reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("route", ["call/predict_sketch", "queue/join", "run/predict", "upload", "component_server"])
+def test_a_body_over_the_cap_is_refused_before_it_is_sent(server, client, route):
+    address = urlsplit(server)
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        _post_head(sock, server, route, "Content-Length: 40000000")
+        sock.sendall(b'{"data": ["' + b"A" * 65536)  # and not the other 40 MB: the answer comes first
+        reply = _reply(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b"request body too large" in reply, reply[:300]
+    _still_serves(client)
+
+
+def test_a_streamed_body_is_cut_off_at_the_cap(server, client):
+    address = urlsplit(server)
+    chunk = b"A" * 65536
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        _post_head(sock, server, "call/predict", "Transfer-Encoding: chunked")
+        for _ in range(MAX_BODY // len(chunk) + 2):  # past the cap, but never the final chunk
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = _reply(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b"request body too large" in reply, reply[:300]
+    _still_serves(client)
+
+
+def test_a_data_url_is_read_without_a_traceback(server, client, capfd):
+    marker = base64.b64encode(b"not an image " * 1000).decode()
+    with httpx.Client(base_url=f"{server}gradio_api/", timeout=120) as http:
+        stream = _call(http, "predict", [{"url": f"data:image/png;base64,{marker}"}])
+    assert "event: error" in stream and "not a supported image file" in stream, stream
+    logged = capfd.readouterr()
+    assert "Traceback" not in logged.err and marker[:40] not in logged.err + logged.out
+    _still_serves(client)
 
 
 def _stroke(page, points):

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import json
 import logging
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from fastapi import HTTPException
+from gradio.components.base import server
+from gradio.components.image_editor import AcceptBlobs, EditorData, EditorDataBlobs
+from gradio.data_classes import FileData, ImageData
+from gradio.utils import get_upload_folder
+from PIL import Image, UnidentifiedImageError
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from toolkit.classes import DIGITS
 from toolkit.errors import ToolkitError
 from toolkit.inference import Classification, classify
+from toolkit.preprocess import MAX_DECODE_PIXELS
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.demo")
@@ -20,7 +35,17 @@ CANVAS = (400, 400)
 # MNIST strokes are about 1/8 of the digit's height; a digit drawn over most of a 400 px canvas
 # is ~300 px tall, so a ~28 px brush gives MNIST-like strokes after the 20 px rescale.
 BRUSH_SIZE = 28
-MAX_UPLOAD = "5mb"
+MAX_UPLOAD = 5 * 1024 * 1024  # bytes in one uploaded file
+# Every request body: one upload-sized image, base64-encoded in JSON (4/3), and its envelope.
+MAX_BODY = MAX_UPLOAD * 4 // 3 + 64 * 1024
+MAX_LAYERS = 4  # the demo's sketchpad sends one layer; API callers get a few
+# The browser posts a sketch's images before the call that uses them; posted but never used,
+# they would pile up, so at most this many bytes of them are kept (oldest dropped first).
+PENDING_SKETCH_BYTES = 4 * MAX_BODY
+# Gradio keeps a copy of every component's config (~40 KB) per session, and every API call
+# is a session of its own; the demo keeps no per-session state, so few sessions are kept.
+SESSIONS = 64
+CACHE_SECONDS = 3600  # uploads and the images shown are deleted from Gradio's cache this old
 # Gradio's sketchpad opens with no tool selected; a demo should let people draw at once.
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 300); }"""
@@ -62,6 +87,218 @@ def _render(result: Classification) -> Outputs:
     return confidences, seen, f"**{result.label}** ({result.probability:.1%}) in {result.milliseconds:.1f} ms"
 
 
+def _refused(message: str) -> gr.Error:
+    """A readable error for the caller; the log gets the reason, never the payload."""
+    log.info("rejected input: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def _source(file: FileData | ImageData | None, cache: str) -> str | bytes | None:
+    """The undecoded image a request names: a data URL's bytes, or a file in Gradio's cache
+    (where uploads land; a path anywhere else on the server is refused)."""
+    if file is None:
+        return None
+    if file.url and file.url.startswith("data:"):
+        try:
+            return base64.b64decode(file.url.partition(",")[2], validate=True)
+        except (binascii.Error, ValueError):
+            raise _refused("cannot read this image: its data URL is not valid base64") from None
+    if not file.path or not Path(file.path).resolve().is_relative_to(Path(cache).resolve()):
+        raise _refused("cannot read this image: it was not uploaded to this server")
+    return file.path
+
+
+def _check_pixels(sources: list[str | bytes]) -> None:
+    """Refuse images over MAX_DECODE_PIXELS, alone or together, from their headers alone."""
+    total = 0
+    for source in sources:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                    width, height = image.size
+        except Image.DecompressionBombError:
+            raise _refused(f"cannot read this image: it is too large (limit {MAX_DECODE_PIXELS:,} pixels)") from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise _refused("cannot read this image: not a supported image file") from None
+        total += width * height
+        if width * height > MAX_DECODE_PIXELS:
+            raise _refused(
+                f"cannot read this image: {width}x{height} is too large (limit {MAX_DECODE_PIXELS:,} pixels)")
+        if total > MAX_DECODE_PIXELS:
+            raise _refused(
+                f"cannot read this sketch: its images add up to {total:,} pixels (limit {MAX_DECODE_PIXELS:,})")
+
+
+def guard_sketchpad(sketchpad: gr.Sketchpad) -> gr.Sketchpad:
+    """`sketchpad` handing the handler its images undecoded (file paths or bytes), after their
+    headers are read: Gradio's own preprocessing decodes every layer to a full-size array
+    first, whatever its size. The images the browser posts ahead of a call (accept_blobs) are
+    kept within PENDING_SKETCH_BYTES. Set on the instance: a subclass of a Gradio component
+    makes Gradio write a .pyi file beside this module."""
+    lock, cache = threading.Lock(), sketchpad.GRADIO_CACHE
+
+    def preprocess(payload: EditorData | None) -> dict[str, Any] | None:
+        if payload is None:
+            return None
+        if payload.id is not None:  # the browser's way: the images were posted to accept_blobs
+            with lock:
+                blobs = sketchpad.blob_storage.pop(payload.id, None)
+            blobs = blobs or EditorDataBlobs(background=None, layers=[], composite=None)
+            background, layers, composite = blobs.background, blobs.layers, blobs.composite
+        else:
+            background, composite = _source(payload.background, cache), _source(payload.composite, cache)
+            layers = [_source(layer, cache) for layer in payload.layers]
+        layers = [layer for layer in layers if layer is not None]
+        if len(layers) > MAX_LAYERS:
+            raise _refused(f"cannot read this sketch: {len(layers)} layers (limit {MAX_LAYERS})")
+        _check_pixels([part for part in (background, composite, *layers) if part is not None])
+        return {"background": background, "layers": layers, "composite": composite}
+
+    @server
+    def accept_blobs(data: AcceptBlobs) -> None:
+        """Gradio's, its input checked first (it answers a bad layer index with a 500)."""
+        kind, index = data.data.get("type"), data.data.get("index")
+        layer = kind == "layer" and index not in (None, "null")
+        if kind not in ("background", "composite", "layer") or not data.files or (
+                layer and not (str(index).isdigit() and int(index) < MAX_LAYERS)):
+            raise HTTPException(400, f"expected one image: background, composite or layer 0..{MAX_LAYERS - 1}")
+        with lock:
+            gr.Sketchpad.accept_blobs(sketchpad, data)
+            storage = sketchpad.blob_storage
+            while len(storage) > 1 and sum(map(_blob_bytes, storage.values())) > PENDING_SKETCH_BYTES:
+                storage.pop(next(iter(storage)))
+
+    sketchpad.preprocess = preprocess
+    sketchpad.accept_blobs = accept_blobs
+    return sketchpad
+
+
+def _blob_bytes(blobs: EditorDataBlobs) -> int:
+    return sum(len(part) for part in (blobs.background, blobs.composite, *blobs.layers) if part)
+
+
+def guard_upload(image: gr.Image) -> gr.Image:
+    """`image` handing the handler the uploaded file (or a data URL's bytes) undecoded: Gradio's
+    own preprocessing decodes data URLs whole and opens any path on the server."""
+    image.preprocess = lambda payload: _source(payload, image.GRADIO_CACHE)
+    return image
+
+
+class RequestGuard:
+    """ASGI middleware in front of Gradio. A body over `limit` bytes is answered 413 before it
+    is read whole: at once when its Content-Length says so, else as soon as the bytes received
+    pass it. A JSON body naming a file outside Gradio's upload folder is answered 400 before
+    Gradio sees it: Gradio's own refusal prints the path, which may be megabytes, into the log."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await self._refuse(scope, send, 413, f"request body too large (limit {self.limit:,} bytes)")
+            return
+        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+            await self._stream_capped(scope, receive, send)
+            return
+        body = await self._read(receive)
+        if body is None:
+            await self._refuse(scope, send, 413, f"request body too large (limit {self.limit:,} bytes)")
+            return
+        if _names_foreign_file(body):
+            await self._refuse(scope, send, 400, "a file named in the request was not uploaded to this server")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client's disconnect, for streamed answers
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _stream_capped(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass a (multipart) body through as it arrives, cut off where it passes the limit."""
+        received, refused, started = 0, False, False
+
+        async def capped_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not refused:
+                refused = True
+                if not started:
+                    await self._refuse(scope, send, 413, f"request body too large (limit {self.limit:,} bytes)")
+                return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:
+            if not refused:  # else the request is answered and the app only failed to read on
+                raise
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
+        log.info("refused a request to %s: %s", scope.get("path", "?"), detail)
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _names_foreign_file(body: bytes) -> bool:
+    """Whether a JSON body holds a file (an object with a `path`) outside Gradio's upload folder."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return False  # not JSON: Gradio refuses it without printing it
+    uploads, pending = Path(get_upload_folder()).resolve(), [value]
+    while pending:  # a loop, not recursion: the nesting is the client's to choose
+        item = pending.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if path is not None and not _inside(path, uploads):
+                return True
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _inside(path: Any, folder: Path) -> bool:
+    try:
+        return isinstance(path, str) and len(path) < 4096 and Path(path).resolve().is_relative_to(folder)
+    except (OSError, ValueError):  # a NUL byte, a loop of links
+        return False
+
+
 def make_handler(predictor: Predictor) -> Any:
     """The one function behind the sketchpad, the upload tab and the API."""
 
@@ -71,8 +308,7 @@ def make_handler(predictor: Predictor) -> Any:
         try:
             result = classify(predictor, image, top_k=3)
         except ToolkitError as exc:
-            log.info("rejected input: %s", exc)
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise _refused(str(exc)) from None
         log.info("predicted %s in %.2f ms on %s", result.label, result.milliseconds, predictor.provider)
         return _render(result)
 
@@ -83,23 +319,23 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
     """The demo UI around a Predictor; `predict` is also a named API endpoint."""
     predict = make_handler(predictor)
     subject = what_to_draw(predictor)
-    with gr.Blocks(title=f"toolkit · draw {subject}") as demo:
+    with gr.Blocks(title=f"toolkit · draw {subject}", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"# Draw {subject}\n{framing_note(predictor)}")
         gr.Markdown(model_card(predictor), elem_id="model-card")
         with gr.Row():
             with gr.Column():
                 with gr.Tab("Draw"):
-                    sketchpad = gr.Sketchpad(
-                        canvas_size=CANVAS, type="numpy", image_mode="RGBA", label="sketchpad",
+                    sketchpad = guard_sketchpad(gr.Sketchpad(
+                        canvas_size=CANVAS, type="filepath", image_mode="RGBA", label="sketchpad",
                         brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),
                         layers=False, elem_id="sketchpad",
-                    )
+                    ))
                     with gr.Row():
                         predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
                         clear_button = gr.ClearButton(value="Clear", elem_id="clear-button")
                 with gr.Tab("Upload"):
-                    upload = gr.Image(type="filepath", image_mode=None, label="image file",
-                                      sources=["upload", "clipboard"], elem_id="upload")
+                    upload = guard_upload(gr.Image(type="filepath", image_mode=None, label="image file",
+                                                   sources=["upload", "clipboard"], elem_id="upload"))
                     upload_button = gr.Button("Predict upload", elem_id="upload-button")
                     examples = sorted(EXAMPLES_DIR.glob("*.png")) if subject == "a digit" else []
                     if examples:
@@ -139,7 +375,9 @@ def launch(
     try:
         demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
                     prevent_thread_lock=not block, show_error=True, quiet=not block,
-                    allowed_paths=[str(EXAMPLES_DIR)])  # the example digits, wherever the demo runs from
+                    allowed_paths=[str(EXAMPLES_DIR)],  # the example digits, wherever the demo runs from
+                    state_session_capacity=SESSIONS,
+                    app_kwargs={"middleware": [Middleware(RequestGuard, limit=MAX_BODY)]})
     except OSError as exc:
         raise ToolkitError(f"cannot serve on {host}:{port}: {exc}") from exc
     return demo

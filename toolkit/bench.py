@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import platform
 import socket
@@ -365,14 +366,25 @@ def demo_server(export_dir: Path, port: int, timeout: float = 120) -> Iterator[s
 MALFORMED = b"\x89PNG\r\n\x1a\n this is not an image"
 
 
+def rss_slope(samples: list[dict[str, float]]) -> float | None:
+    """Least-squares growth of `rss_mb` in MB per 1,000 `requests`; None under two samples."""
+    if len(samples) < 2:
+        return None
+    slope = np.polyfit([s["requests"] for s in samples], [s["rss_mb"] for s in samples], 1)[0]
+    return float(slope * 1000)
+
+
 def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16, requests: int = 400,
-                malformed_every: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+                malformed_every: int = 0, sample_every: int = 0,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
     """N concurrent HTTP clients against a real demo server: latency, throughput, errors, memory.
 
     Clients speak Gradio's REST API (upload, call, read the result stream) with one keep-alive
     httpx connection each; gradio_client costs more CPU per call than the server does, which on
     a small machine would measure the client instead of the server. With `malformed_every` N,
-    every Nth request sends a corrupt PNG, which must come back as a readable error.
+    every Nth request sends a corrupt PNG, which must come back as a readable error. With
+    `sample_every` N (a soak), the server's RSS is read every N requests and its growth per
+    1,000 requests fitted over all samples and over the second half (after warm-up).
     """
     import re
     import threading
@@ -381,12 +393,16 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
 
     if clients <= 0 or requests <= 0:
         raise ToolkitError("--clients and --requests must be positive")
+    if sample_every < 0:
+        raise ToolkitError(f"--sample-every must be 0 (off) or positive, got {sample_every}")
     if not images:
         raise ToolkitError("no example images to send")
     payloads = [(path.read_bytes(), example_label(path)) for path in images]
     port = free_port()
     api = f"http://127.0.0.1:{port}/gradio_api"
     local = threading.local()
+    finished = itertools.count(1)  # next() on a count is atomic: one number per finished request
+    samples: list[dict[str, float]] = []
 
     def call(index: int) -> tuple[float, float | None, str | None]:
         if not hasattr(local, "http"):
@@ -417,8 +433,17 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         memory_before = _rss_mb(server.pid)
         log(f"{clients} clients, {requests} requests against http://127.0.0.1:{port}/")
         started = time.perf_counter()
+        samples.append({"requests": 0, "seconds": 0.0, "rss_mb": memory_before or 0.0})
+
+        def sampled_call(index: int) -> tuple[float, float | None, str | None]:
+            outcome = call(index)
+            count = next(finished)
+            if sample_every and count % sample_every == 0 and (rss := _rss_mb(server.pid)) is not None:
+                samples.append({"requests": count, "seconds": time.perf_counter() - started, "rss_mb": rss})
+            return outcome
+
         with ThreadPoolExecutor(max_workers=clients) as executor:
-            outcomes = list(executor.map(call, range(requests)))
+            outcomes = list(executor.map(sampled_call, range(requests)))
         wall = time.perf_counter() - started
         memory_after = _rss_mb(server.pid)
     latencies = [o[0] for o in outcomes if o[2] is None and o[1] is not None]
@@ -434,4 +459,8 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         "server_side_p50_ms": statistics.median(server_ms) if server_ms else None,
         "server_side_p99_ms": float(np.percentile(server_ms, 99)) if server_ms else None,
         "server_rss_mb_before": memory_before, "server_rss_mb_after": memory_after,
+        **({"sample_every": sample_every, "rss_samples": sorted(samples, key=lambda s: s["requests"]),
+            "rss_slope_mb_per_1000": rss_slope(samples),
+            "rss_slope_second_half_mb_per_1000": rss_slope([s for s in samples if s["requests"] >= requests / 2])}
+           if sample_every else {}),
     }
