@@ -10,7 +10,10 @@ from onnx import numpy_helper
 
 from tests.conftest import run_cli
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.export import ExportOptions
 from toolkit.fileio import sha256_file
+from toolkit.publish import export_verified
+from toolkit.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
 
 ARTIFACTS = ("model.onnx", "model.ts", "model.pt2", "model.int8.onnx", "model.fp16.onnx", "model.pt",
              "triton/toolkit_model/config.pbtxt", "triton/toolkit_model/1/model.onnx")
@@ -195,3 +198,22 @@ def test_an_export_through_a_symbolic_link_replaces_the_folder_and_keeps_the_lin
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]  # no .current.old-PID left
     assert json.loads((real / "manifest.json").read_text())["command"].endswith("--no-verify")
+
+
+def test_failed_checks_raise_typed_errors_that_carry_the_report(export_dir, trained_run, tmp_path, mnist_dir):
+    """As Optimum's ShapeError/AtolError: a caller can tell what failed and read the figures."""
+    target = tmp_path / "export"
+    with pytest.raises(ToleranceError) as failed:
+        export_verified(trained_run, target, ExportOptions(data_dir=mnist_dir), atol=0.0, rtol=0.0)
+    assert isinstance(failed.value, ParityError) and not failed.value.report.passed
+    assert failed.value.report.backends["onnxruntime-cpu"].failure == "tolerance"
+    assert not target.exists()
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(export_dir, tampered)
+    (tampered / "model.fp16.onnx").unlink()
+    report = verify_export(tampered, data_dir=mnist_dir)
+    assert "model.fp16.onnx" in report.integrity
+    with pytest.raises(ArtifactIntegrityError):
+        report.raise_for_failure()
+    assert json.loads((tampered / "parity.json").read_text())["parity_version"] == 1

@@ -287,7 +287,7 @@ def manifests(draw, good):
 
 
 def test_fuzzed_manifests_are_served_only_when_they_prove_the_model(export_dir, tmp_path):
-    from toolkit.export import _check_replaceable
+    from toolkit.publish import _check_replaceable
     from toolkit.runtime import Predictor
 
     target = tmp_path / "export"

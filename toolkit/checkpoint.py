@@ -192,15 +192,3 @@ def build_deployable(checkpoint: dict[str, Any]) -> DeployableModel:
     """The checkpoint's model wrapped with its normalization and softmax, in eval mode."""
     norm = checkpoint["normalization"]
     return DeployableModel(build_model(checkpoint), norm["mean"], norm["std"]).eval()
-
-
-def newest_run_checkpoint(runs_dir: str | Path = "runs", name: str = "best.pt") -> Path:
-    """`best.pt` of the most recently modified run under `runs_dir`."""
-    runs_dir = Path(runs_dir)
-    candidates = sorted(runs_dir.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ToolkitError(
-            f"no checkpoint found under {runs_dir}/*/{name}; train one with `toolkit train lenet` "
-            f"or pass a checkpoint path"
-        )
-    return candidates[-1]

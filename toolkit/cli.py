@@ -16,6 +16,7 @@ import typer
 
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import Interrupted, ToolkitError
+from toolkit.locate import newest_export_dir, newest_run_checkpoint
 
 if TYPE_CHECKING:
     from toolkit.verify import ParityReport
@@ -213,9 +214,9 @@ def export(
 
     Example: toolkit export runs/lenet-demo/best.pt --format all --quantize int8
     """
-    from toolkit.checkpoint import checkpoint_file, newest_run_checkpoint
+    from toolkit.checkpoint import checkpoint_file
     from toolkit.export import ExportOptions
-    from toolkit.verify import export_verified
+    from toolkit.publish import export_verified
 
     if checkpoint is None:
         checkpoint = newest_run_checkpoint(runs_dir)
@@ -251,7 +252,8 @@ def verify_command(
 
     Exits non-zero, naming the backend and the worst sample, when any backend disagrees.
     """
-    from toolkit.verify import attach_parity, verify_export
+    from toolkit.publish import attach_parity
+    from toolkit.verify import verify_export
 
     export_dir = export_dir or newest_export_dir()
     with console.status("verifying...") as status:
@@ -259,20 +261,8 @@ def verify_command(
                                progress=lambda name: status.update(f"verifying {name}..."))
     _show_parity(report)
     attach_parity(export_dir, report)
-    if not report.passed:
-        raise ToolkitError("parity check failed: " + "; ".join(report.failures()))
+    report.raise_for_failure()
     console.print(f"parity report: {export_dir / 'parity.json'}")
-
-
-def newest_export_dir(exports_dir: Path = Path("exports")) -> Path:
-    """The most recently written export (a dir holding manifest.json)."""
-    candidates = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ToolkitError(
-            f"no export found under {exports_dir}/; make one with `toolkit export` "
-            "(after `toolkit train lenet`) or pass an export dir"
-        )
-    return candidates[-1].parent
 
 
 def _show_parity(report: ParityReport) -> None:
@@ -374,7 +364,6 @@ def evaluate(
     """Accuracy, per-class precision/recall/F1, confusion.png and mistakes.png for the test set."""
     from rich.table import Table
 
-    from toolkit.checkpoint import newest_run_checkpoint
     from toolkit.evaluate import evaluate as run_evaluation
 
     model = model or newest_run_checkpoint(runs_dir)
@@ -404,7 +393,6 @@ def inspect_command(
     """Layer table, parameters, FLOPs, filters.png and feature_maps.png of a model."""
     from rich.table import Table
 
-    from toolkit.checkpoint import newest_run_checkpoint
     from toolkit.inspect_model import inspect_model
 
     out_dir, report = inspect_model(target or newest_run_checkpoint(runs_dir), out, data_dir=data_dir)

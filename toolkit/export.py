@@ -1,8 +1,7 @@
 """Writers that turn a checkpoint into deployable artifacts, and the manifest that lists them.
 
-Every export is built in a staging directory beside the target and only replaces the previous
-export once it is complete (and verified, through `toolkit.verify.export_verified`): a failed
-export loses nothing.
+`export_checkpoint` writes into a folder; `toolkit.publish.export_verified` runs it in a staging
+folder beside the target and swaps the result in only once it is complete and verified.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -34,7 +32,7 @@ from toolkit.contract import INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
 from toolkit.manifest import FORMAT as MANIFEST_FORMAT
-from toolkit.manifest import MANIFEST, PARITY, files_in, read_manifest, unlisted_files
+from toolkit.manifest import MANIFEST, PARITY, files_in
 from toolkit.manifest import VERSION as MANIFEST_VERSION
 from toolkit.preprocess import Framing
 
@@ -253,76 +251,6 @@ def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Every file in the export (manifest and parity report aside) with size and sha256."""
     return {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
             for name in files_in(out_dir) if name not in (MANIFEST, PARITY)}
-
-
-@contextlib.contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
-    """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds.
-
-    A symbolic link is followed: the folder it points to is replaced, the link stays.
-    """
-    target = Path(target)
-    if target.is_symlink():
-        target = target.resolve()
-    _check_replaceable(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_stages(target)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
-    except OSError as exc:
-        raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
-    try:
-        yield stage
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, backup)
-        os.replace(stage, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    except OSError as exc:
-        raise ToolkitError(f"cannot write export to {target}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _check_replaceable(target: Path) -> None:
-    """Only a previous export or an empty folder may be replaced, so a mistyped `--out .` or
-    `--out ~/Documents`, or a folder that merely holds a manifest.json, is refused instead of
-    deleted. A previous export is a folder whose manifest parses as this toolkit's and lists
-    every file in it: nothing a person added beside the artifacts is ever removed."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ToolkitError(f"{target} exists and is not a folder; choose another --out")
-    if not any(target.iterdir()):
-        return
-    try:
-        manifest = read_manifest(target)
-    except ToolkitError as exc:
-        raise ToolkitError(f"{target} is a folder but not a toolkit export ({exc}); refusing to replace it, "
-                           "choose a new or empty --out") from None
-    unlisted = unlisted_files(target, manifest)
-    if unlisted:
-        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
-        raise ToolkitError(f"{target} holds files its manifest does not list ({shown}); refusing to replace it, "
-                           "move them away or choose another --out")
-
-
-def _remove_abandoned_stages(target: Path) -> None:
-    """Staging dirs left by a killed export (their process is gone) are debris, not data."""
-    for stage in target.parent.glob(f".{target.name}.staging-*"):
-        pid = stage.name.removeprefix(f".{target.name}.staging-").split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists; another user owns it
-    return True
 
 
 @contextlib.contextmanager

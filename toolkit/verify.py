@@ -18,7 +18,6 @@ import torch
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
-from toolkit.export import ExportOptions, export_checkpoint, staged_directory
 from toolkit.fileio import write_json
 from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, check_onnx_model, read_manifest, unlisted_files
 from toolkit.runtime import create_session, cuda_provider_usable
@@ -27,6 +26,9 @@ DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
 EVAL_BATCH = 500
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+PARITY_VERSION = 1  # of parity.json
 
 
 @dataclass
@@ -44,6 +46,7 @@ class BackendResult:
     worst_sample_diff: float
     passed: bool
     reason: str = ""
+    failure: str = ""  # what failed: "shape", "tolerance" (fp32) or "accuracy" (int8/fp16)
 
 
 @dataclass
@@ -65,9 +68,44 @@ class ParityReport:
         return lines
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {"parity_version": PARITY_VERSION, **asdict(self)}
         data["backends"] = {name: asdict(r) for name, r in self.backends.items()}
         return data
+
+    def raise_for_failure(self, prefix: str = "parity check failed") -> None:
+        """Raise the ParityError subclass for the first kind of failure (integrity, shape,
+        tolerance, accuracy drop), carrying this report; do nothing when the check passed."""
+        if self.passed:
+            return
+        failed = {r.failure for r in self.backends.values() if not r.passed}
+        error: type[ParityError] = (
+            ArtifactIntegrityError if self.integrity else ShapeError if "shape" in failed
+            else ToleranceError if "tolerance" in failed else AccuracyDropError)
+        raise error(f"{prefix}: " + "; ".join(self.failures()), self)
+
+
+class ParityError(ToolkitError):
+    """A parity check failed; `report` holds every backend's figures."""
+
+    def __init__(self, message: str, report: ParityReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class ShapeError(ParityError):
+    """A backend's outputs are not [N, classes]."""
+
+
+class ToleranceError(ParityError):
+    """An fp32 backend's logits differ from PyTorch's beyond atol + rtol x |reference|, or its top-1 does."""
+
+
+class AccuracyDropError(ParityError):
+    """An int8 or fp16 backend loses more test accuracy than allowed."""
+
+
+class ArtifactIntegrityError(ParityError, IntegrityError):
+    """Export files are missing, changed since export, or not listed in the manifest."""
 
 
 def edge_inputs() -> tuple[list[str], list[np.ndarray]]:
@@ -212,71 +250,20 @@ def _compare(
     agreement = float((logits.argmax(1) == ref.argmax(1)).mean())
     ref_acc = float((ref[:n_test].argmax(1) == labels).mean())
     if not shapes_ok:
-        passed, reason = False, "output shapes differ from [N, classes]"
+        passed, failure, reason = False, "shape", "output shapes differ from [N, classes]"
     elif kind == "fp32":
-        passed = bool((excess <= 0).all()) and agreement == 1.0
+        passed, failure = bool((excess <= 0).all()) and agreement == 1.0, "tolerance"
         reason = "" if passed else (
             f"sample {worst} differs by {diff[worst].max():.3g} "
             f"(allowed {atol:g} + {rtol:g} x |reference|), top-1 agreement {agreement:.2%}")
     else:
         drop = 100 * (ref_acc - accuracy)
-        passed = drop <= max_acc_drop
+        passed, failure = drop <= max_acc_drop, "accuracy"
         reason = "" if passed else (
             f"accuracy drops {drop:.2f} points (allowed {max_acc_drop}); worst sample {worst} "
             f"differs by {diff[worst].max():.3g}")
     return BackendResult(
         artifact=artifact, kind=kind, accuracy=accuracy, max_abs_diff=float(diff.max()),
         max_rel_diff=max_rel, top1_agreement=agreement, shapes_ok=shapes_ok, worst_sample=worst,
-        worst_sample_diff=float(diff[worst].max()), passed=passed, reason=reason,
+        worst_sample_diff=float(diff[worst].max()), passed=passed, reason=reason, failure="" if passed else failure,
     )
-
-
-def attach_parity(export_dir: str | Path, report: ParityReport) -> None:
-    """Record the parity summary in the manifest."""
-    path = Path(export_dir) / MANIFEST
-    manifest = read_manifest(export_dir)
-    manifest["parity"] = {
-        "passed": report.passed, "atol": report.atol, "rtol": report.rtol,
-        "reference_accuracy": report.reference_accuracy,
-        "backends": {name: {"accuracy": r.accuracy, "max_abs_diff": r.max_abs_diff,
-                            "top1_agreement": r.top1_agreement, "passed": r.passed}
-                     for name, r in report.backends.items()},
-    }
-    write_json(path, manifest)
-
-
-def export_verified(
-    checkpoint: str | Path,
-    out: str | Path,
-    options: ExportOptions,
-    *,
-    verify: bool = True,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
-    max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
-    on_exported: Callable[[dict[str, Any]], None] | None = None,
-    on_verified: Callable[[ParityReport], None] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[dict[str, Any], ParityReport | None]:
-    """Export `checkpoint` beside `out`, prove parity there, and only then replace `out`.
-
-    Returns the manifest and the parity report (None with verify=False). A failed check raises
-    ToolkitError and replaces nothing. `on_exported(manifest)` and `on_verified(report)` let a
-    caller show each stage as it ends; `progress(backend)` names the backend being checked.
-    """
-    options.validate()
-    with staged_directory(out) as stage:
-        manifest = export_checkpoint(checkpoint, stage, options)
-        if on_exported is not None:
-            on_exported(manifest)
-        if not verify:
-            return manifest, None
-        report = verify_export(stage, data_dir=options.data_dir, atol=atol, rtol=rtol,
-                               max_acc_drop=max_acc_drop, progress=progress)
-        if on_verified is not None:
-            on_verified(report)
-        if not report.passed:
-            raise ToolkitError(f"parity check failed, nothing was replaced in {out} (--no-verify, or "
-                               "verify=False, keeps the artifacts anyway): " + "; ".join(report.failures()))
-        attach_parity(stage, report)
-    return manifest, report

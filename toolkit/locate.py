@@ -1,0 +1,30 @@
+"""Where the newest run and the newest export are, when a command is given neither (no torch import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+
+def newest_run_checkpoint(runs_dir: str | Path = "runs", name: str = "best.pt") -> Path:
+    """`best.pt` of the most recently modified run under `runs_dir`."""
+    runs_dir = Path(runs_dir)
+    candidates = sorted(runs_dir.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ToolkitError(
+            f"no checkpoint found under {runs_dir}/*/{name}; train one with `toolkit train lenet` "
+            f"or pass a checkpoint path"
+        )
+    return candidates[-1]
+
+
+def newest_export_dir(exports_dir: Path = Path("exports")) -> Path:
+    """The most recently written export (a dir holding manifest.json)."""
+    candidates = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ToolkitError(
+            f"no export found under {exports_dir}/; make one with `toolkit export` "
+            "(after `toolkit train lenet`) or pass an export dir"
+        )
+    return candidates[-1].parent
