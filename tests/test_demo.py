@@ -16,8 +16,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.conftest import REPO
-from toolkit.app import EXAMPLES_DIR, MAX_BODY, launch
+from toolkit.app import MAX_BODY, launch
 from toolkit.bench import example_label, free_port
+from toolkit.locate import EXAMPLES_DIR
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts"

@@ -13,8 +13,8 @@ import torch
 
 from tests.conftest import run_cli
 from tests.helpers import UINT8, foreign_onnx, rewrite_manifest
-from toolkit.app import EXAMPLES_DIR
 from toolkit.bench import example_label
+from toolkit.locate import EXAMPLES_DIR
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,8 @@ CASES = [
     ("train lenet --runs-dir {bad} --name not-an-image.png", "already exists; pass another --name or --resume", 1),
     ("bench infer {bad}/empty-dir", "is not an export dir", 1),
     ("bench infer {export} --batch-sizes 0", "batch sizes must be positive", 1),
+    ("bench infer {export} --batch-sizes 10000000", "batch sizes must be positive and at most 8192", 1),
+    ("bench infer {export} --threads 100000", "threads must be between 1 and", 1),
     ("bench infer {export} --rounds 0", "rounds must be at least 1", 1),
     ("bench serve {export} --clients 0", "--clients and --requests must be positive", 1),
     ("bench infer {export} --seconds -1", "--seconds must be positive", 1),

@@ -7,7 +7,7 @@ import zipfile
 
 from tests.conftest import REPO, run_cli
 from toolkit import __version__
-from toolkit.app import EXAMPLES_DIR
+from toolkit.locate import EXAMPLES_DIR
 
 
 def test_the_wheel_ships_the_demo_examples_and_the_command(tmp_path):

@@ -5,10 +5,10 @@ import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageOps
 
 from tests.conftest import FASHION_DIR
-from toolkit.app import EXAMPLES_DIR
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.inference import classify
+from toolkit.locate import EXAMPLES_DIR
 from toolkit.preprocess import (
     MNIST_FRAMING,
     Framing,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from toolkit.app import EXAMPLES_DIR
+from toolkit.locate import EXAMPLES_DIR
 
 
 def test_the_python_api_example_runs(mnist_dir, tmp_path):

@@ -95,11 +95,12 @@ def test_report_commands_reject_bad_input(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["inspect", "evaluate"])
-def test_a_failed_report_leaves_the_previous_one_whole(trained_run, tmp_path, command):
-    """The pictures and the JSON of a report appear together or not at all."""
+@pytest.mark.parametrize(("command", "second"), [("inspect", "lenet"), ("evaluate", None)])
+def test_a_failed_report_leaves_the_previous_one_whole(trained_run, tmp_path, command, second):
+    """The pictures and the JSON of a report appear together or not at all: a second report (of
+    an untrained LeNet, whose filters differ) that fails for want of data changes nothing."""
     assert run_cli(command, trained_run, "--out", tmp_path).returncode == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    result = run_cli(command, trained_run, "--out", tmp_path, "--data-dir", tmp_path / "no-data")
+    result = run_cli(command, second or trained_run, "--out", tmp_path, "--data-dir", tmp_path / "no-data")
     assert result.returncode == 1 and "not found under" in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +17,17 @@ from gradio.components.base import server
 from gradio.components.image_editor import AcceptBlobs, EditorData, EditorDataBlobs
 from gradio.data_classes import FileData, ImageData
 from gradio.utils import get_upload_folder
-from PIL import Image, UnidentifiedImageError
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from toolkit.classes import DIGITS
 from toolkit.errors import ToolkitError
 from toolkit.inference import Classification, classify
-from toolkit.preprocess import MAX_DECODE_PIXELS
+from toolkit.locate import EXAMPLES_DIR
+from toolkit.preprocess import MAX_DECODE_PIXELS, ImageReadError, open_image
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.demo")
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # package data: in wheels too
 CANVAS = (400, 400)
 # MNIST strokes are about 1/8 of the digit's height; a digit drawn over most of a 400 px canvas
 # is ~300 px tall, so a ~28 px brush gives MNIST-like strokes after the 20 px rescale.
@@ -59,7 +56,8 @@ def model_card(predictor: Predictor) -> str:
     accuracy = f"{card['test_accuracy']:.2%}" if isinstance(card["test_accuracy"], float) else "unknown"
     return (
         f"**model** `{card['arch']}` trained on `{card['dataset']}` · **test accuracy** {accuracy} · "
-        f"**parity** {card['parity'] or 'not verified'} · **provider** onnxruntime-{card['provider']}"
+        f"**parity** {card['parity'] or 'not verified'} · **integrity** {card['integrity']} · "
+        f"**provider** onnxruntime-{card['provider']}"
     )
 
 
@@ -113,18 +111,10 @@ def _check_pixels(sources: list[str | bytes]) -> None:
     total = 0
     for source in sources:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                    width, height = image.size
-        except Image.DecompressionBombError:
-            raise _refused(f"cannot read this image: it is too large (limit {MAX_DECODE_PIXELS:,} pixels)") from None
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise _refused("cannot read this image: not a supported image file") from None
-        total += width * height
-        if width * height > MAX_DECODE_PIXELS:
-            raise _refused(
-                f"cannot read this image: {width}x{height} is too large (limit {MAX_DECODE_PIXELS:,} pixels)")
+            with open_image(source) as image:
+                total += image.width * image.height
+        except ImageReadError as exc:
+            raise _refused(str(exc)) from None
         if total > MAX_DECODE_PIXELS:
             raise _refused(
                 f"cannot read this sketch: its images add up to {total:,} pixels (limit {MAX_DECODE_PIXELS:,})")

@@ -31,6 +31,9 @@ from toolkit.errors import ToolkitError
 Runner = Callable[[], Any]
 Loader = Callable[[], Callable[[np.ndarray], Runner]]  # builds a backend: batch -> one-batch runner
 SETTLE_SECONDS = 0.03
+# Batches this large already show every backend's throughput; each image costs its activations
+# several times over in every backend held at once, so larger ones only risk running out of memory.
+MAX_BATCH = 8192
 
 
 def machine() -> dict[str, Any]:
@@ -159,8 +162,11 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     export_dir = Path(export_dir)
     if not (export_dir / "model.pt").is_file():
         raise ToolkitError(f"{export_dir} is not an export dir (no model.pt); run `toolkit export` first")
-    if not batch_sizes or any(b <= 0 for b in batch_sizes):
-        raise ToolkitError(f"batch sizes must be positive, got {batch_sizes}")
+    if not batch_sizes or any(not 1 <= b <= MAX_BATCH for b in batch_sizes):
+        raise ToolkitError(f"batch sizes must be positive and at most {MAX_BATCH}, got {batch_sizes}")
+    from toolkit.runtime import check_threads
+
+    check_threads(threads)
     if rounds < 1:
         raise ToolkitError(f"rounds must be at least 1, got {rounds}")
     if min_seconds <= 0:

@@ -1,4 +1,5 @@
-"""Where the newest run and the newest export are, when a command is given neither (no torch import)."""
+"""Where things are: the newest run and export (when a command is given neither) and the
+example digits. No torch or gradio import: the CLI reads these before any work."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from toolkit.errors import ToolkitError
 
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # package data: in wheels too
 
 def newest_run_checkpoint(runs_dir: str | Path = "runs", name: str = "best.pt") -> Path:
     """`best.pt` of the most recently modified run under `runs_dir`."""

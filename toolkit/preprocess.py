@@ -134,8 +134,9 @@ def frame_stroke_width(image: np.ndarray) -> float:
     return stroke_width(np.asarray(large)) / STROKE_SCALE
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (or its bytes) safely: size-checked before decoding, first frame only."""
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (or its bytes) without decoding its pixels: only the header is read,
+    and an image over MAX_DECODE_PIXELS is refused before anything decodes it."""
     if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
         raise ImageReadError("cannot read this image: not a regular file")  # a FIFO or device may never end
     try:
@@ -150,9 +151,16 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         raise ImageReadError("cannot read this image: not a supported image file") from exc
     width, height = image.size
     if width * height > MAX_DECODE_PIXELS:
+        image.close()
         raise ImageReadError(
             f"cannot read this image: {width}x{height} is too large (limit {MAX_DECODE_PIXELS:,} pixels)"
         )
+    return image
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (or its bytes) safely: size-checked before decoding, first frame only."""
+    image = open_image(source)
     try:
         image = next(iter(ImageSequence.Iterator(image)))  # animated: first frame
         image.draft("L", (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # JPEG: decode at reduced size
