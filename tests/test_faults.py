@@ -22,11 +22,11 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_manifest
-from toolkit.app import EXAMPLES_DIR
 from toolkit.bench import free_port
 from toolkit.checkpoint import load_checkpoint
 from toolkit.cli import _caused_by_ctrl_c
 from toolkit.errors import ToolkitError
+from toolkit.locate import EXAMPLES_DIR
 from toolkit.preprocess import ImageReadError, load_image, preprocess
 
 TRAIN = ["train", "lenet", "--epochs", "4", "--limit-train", "3000", "--batch-size", "100", "--device", "cpu"]

@@ -16,7 +16,7 @@ import typer
 
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import Interrupted, ToolkitError
-from toolkit.locate import newest_export_dir, newest_run_checkpoint
+from toolkit.locate import EXAMPLES_DIR, newest_export_dir, newest_run_checkpoint
 
 if TYPE_CHECKING:
     from toolkit.verify import ParityReport
@@ -83,7 +83,8 @@ DataDirOption = Annotated[
 ]
 
 
-# What a resumed run keeps from its own config; `--epochs`, `--device` and `--data-dir` still apply.
+# Options a resumed run does not take (it keeps its own settings); Typer gives each a value, so
+# whether the user typed one is asked of the parser.
 FIXED_ON_RESUME = ("dataset", "recipe", "batch_size", "lr", "optimizer", "momentum", "scheduler", "augment", "seed",
                    "limit_train", "runs_dir", "name")
 
@@ -125,20 +126,13 @@ def train(
 
     Example: toolkit train lenet --epochs 3 --data-dir ../shared/mnist
     """
-    from toolkit.train import TrainingInterrupted, load_resume_state, make_config
+    from toolkit.config import make_config, resume_config
+    from toolkit.train import TrainingInterrupted
     from toolkit.train import train as run_training
 
     if resume is not None:
-        given = [name for name in FIXED_ON_RESUME if _given(ctx, name)]
-        if given:
-            raise ToolkitError(f"--{given[0].replace('_', '-')} cannot be changed with --resume: the run continues "
-                               "with its own settings (only --epochs, --device and --data-dir apply)")
-        _, _, config = load_resume_state(resume)
-        if arch != config.arch:
-            raise ToolkitError(f"{resume} is a {config.arch} run, not {arch}: "
-                               f"resume it with `toolkit train {config.arch} --resume {resume}`")
-        if epochs is not None:
-            config.epochs = epochs
+        given = {name: True for name in FIXED_ON_RESUME if _given(ctx, name)}
+        config = resume_config(resume, arch, epochs=epochs, **given)
     else:
         config = make_config(
             arch, recipe.value, dataset, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -531,7 +525,6 @@ def bench_classify_command(
     """
     from rich.table import Table
 
-    from toolkit.app import EXAMPLES_DIR
     from toolkit.bench import bench_classify
 
     _check_bench_json(json_path)
@@ -555,21 +548,30 @@ def bench_serve_command(
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
     malformed_every: Annotated[int, typer.Option(
         min=0, help="Send a corrupt image every N requests (0: never).")] = 0,
+    sample_every: Annotated[int, typer.Option(
+        min=0, help="Soak: read the server's RSS every N requests and report its growth per 1,000 (0: off).")] = 0,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
-    """Start the demo server and drive concurrent gradio_client callers at it."""
-    from toolkit.app import EXAMPLES_DIR
+    """Start the demo server and drive concurrent REST clients at it."""
     from toolkit.bench import bench_serve
 
     _check_bench_json(json_path)
     result = bench_serve(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
-                         requests=requests, malformed_every=malformed_every, log=console.print)
+                         requests=requests, malformed_every=malformed_every, sample_every=sample_every,
+                         log=console.print)
+
+    def figure(key: str, spec: str) -> str:  # None when no request succeeded, or no RSS was read
+        return "n/a" if result.get(key) is None else format(result[key], spec)
+
+    soak = "" if not sample_every else (
+        f"; RSS slope {figure('rss_slope_mb_per_1000', '+.1f')} MB per 1,000 requests "
+        f"({figure('rss_slope_second_half_mb_per_1000', '+.1f')} over the second half)")
     console.print(
         f"{result['requests']} requests ({result['malformed_requests']} malformed), {result['clients']} clients: "
-        f"{result['errors']} errors, "
-        f"{result['throughput_rps']:.1f} req/s, latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
-        f"p99 {result['p99_ms']:.1f} ms; server-side p50 {result['server_side_p50_ms']:.2f} ms; "
-        f"server memory {result['server_rss_mb_before']:.0f} -> {result['server_rss_mb_after']:.0f} MB"
+        f"{result['errors']} errors, {result['throughput_rps']:.1f} req/s, latency p50 {figure('p50_ms', '.1f')} ms, "
+        f"p95 {figure('p95_ms', '.1f')} ms, p99 {figure('p99_ms', '.1f')} ms; "
+        f"server-side p50 {figure('server_side_p50_ms', '.2f')} ms; server memory "
+        f"{figure('server_rss_mb_before', '.0f')} -> {figure('server_rss_mb_after', '.0f')} MB{soak}"
     )
     _write_bench_json(json_path, result)
 

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from toolkit.checkpoint import build_model, load_checkpoint
+from toolkit.config import make_config
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.models import count_parameters, create_model
 from toolkit.plots import plot_comparison
-from toolkit.train import ProgressFactory, make_config, train
+from toolkit.train import ProgressFactory, train
 
 
 def median_latency_us(model: torch.nn.Module, batch_size: int = 1, repeats: int = 200) -> float:

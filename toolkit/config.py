@@ -1,0 +1,119 @@
+"""What defines a training run: `TrainConfig`, built from a model's recipe (`make_config`) or
+from a run being resumed (`resume_config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.checkpoint import load_checkpoint
+from toolkit.data import get_dataset
+from toolkit.errors import ToolkitError
+from toolkit.models import Recipe, get_entry
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
+SCHEDULERS = ("onecycle", "step", "none")
+RECIPES = ("default", "notebook")
+MAX_SEED = 2**32 - 1  # seeds are mixed with epoch numbers and must stay within torch's 64-bit range
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as `config.json` and in checkpoints."""
+
+    arch: str
+    dataset: str = "mnist"
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 3e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "onecycle"
+    mean: float = 0.1307
+    std: float = 0.3081
+    seed: int = 0
+    augment: bool = False
+    limit_train: int | None = None
+    recipe: str = "default"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        get_entry(self.arch)
+        get_dataset(self.dataset)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ToolkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ToolkitError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ToolkitError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ToolkitError(f"weight decay must be a number >= 0, got {self.weight_decay}")
+        if self.limit_train is not None and self.limit_train <= 0:
+            raise ToolkitError(f"--limit-train must be positive, got {self.limit_train}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ToolkitError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ToolkitError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ToolkitError(f"normalization needs a finite mean and a positive std, got {self.mean}, {self.std}")
+        if not 0 <= self.momentum < 1:
+            raise ToolkitError(f"--momentum must be in [0, 1), got {self.momentum}")
+
+
+def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **overrides: Any) -> TrainConfig:
+    """A config from the model's recipe, with any non-None `overrides` applied on top."""
+    if recipe not in RECIPES:
+        raise ToolkitError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    entry = get_entry(arch)
+    spec = get_dataset(dataset)
+    chosen: Recipe = entry.default_recipe if recipe == "default" else entry.notebook_recipe
+    mean, std = chosen.normalization or (spec.mean, spec.std)
+    config = TrainConfig(
+        arch=arch, dataset=dataset, epochs=chosen.epochs, batch_size=chosen.batch_size,
+        lr=chosen.lr, optimizer=chosen.optimizer, momentum=chosen.momentum,
+        weight_decay=chosen.weight_decay, scheduler=chosen.scheduler, mean=mean, std=std,
+        augment=chosen.augment, recipe=recipe,
+    )
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("momentum") is not None and config.optimizer != "sgd":
+        raise ToolkitError(f"--momentum applies to --optimizer sgd only, this run uses {config.optimizer}")
+    config.validate()
+    return config
+
+
+def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | None = None,
+                  **fixed: Any) -> TrainConfig:
+    """The config a resumed run continues with: its own, with only `epochs` changed. Another
+    `arch`, or any other setting given (not None), is refused rather than ignored."""
+    _, _, config = load_resume_state(run)
+    if arch is not None and arch != config.arch:
+        raise ToolkitError(f"{run} is a {config.arch} run, not {arch}: "
+                           f"resume it with `toolkit train {config.arch} --resume {run}`")
+    given = [name for name, value in fixed.items() if value is not None]
+    if given:
+        raise ToolkitError(f"--{given[0].replace('_', '-')} cannot be changed with --resume: the run continues "
+                           "with its own settings (only --epochs, --device and --data-dir apply)")
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+        config.validate()
+    return config
+
+
+def load_resume_state(run_dir: str | Path) -> tuple[Path, dict[str, Any], TrainConfig]:
+    """Read `last.pt` of a run to continue; the run dir or the file itself may be given."""
+    path = Path(run_dir)
+    last = path / "last.pt" if path.is_dir() else path
+    checkpoint = load_checkpoint(last)
+    if "optimizer_state" not in checkpoint or "config" not in checkpoint:
+        raise ToolkitError(f"{last} holds no training state to resume from (pass a run's last.pt)")
+    try:
+        config = TrainConfig(**checkpoint["config"])
+        config.validate()
+    except TypeError as exc:
+        raise ToolkitError(f"{last} has a config this toolkit cannot read: {exc}") from exc
+    return last.parent, checkpoint, config
