@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(or $(TOOLKIT_DATA_DIR),data)
 RUN ?= lenet-quickstart
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The whole suite: what CI runs.
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# The inner loop: no slow, browser or fault tests.
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -m "not slow and not browser and not faults"

@@ -30,6 +30,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the real 3-epoch LeNet or its full export is `slow`: building them
+    takes minutes on two cores."""
+    for item in items:
+        if {"trained_run", "export_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
@@ -53,5 +61,26 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, mnis
     out = tmp_path_factory.mktemp("exports") / "lenet"
     result = run_cli("export", trained_run / "best.pt", "--format", "all", "--quantize", "int8",
                      "--fp16", "--out", out, "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A LeNet trained for one epoch on 3,000 images (seconds): for tests that need a run,
+    not a good model."""
+    runs = tmp_path_factory.mktemp("quick-runs")
+    result = run_cli("train", "lenet", "--epochs", "1", "--limit-train", "3000", "--runs-dir", runs,
+                     "--name", "lenet-quick", "--data-dir", mnist_dir, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return runs / "lenet-quick"
+
+
+@pytest.fixture(scope="session")
+def quick_export(tmp_path_factory: pytest.TempPathFactory, quick_run: Path, mnist_dir: Path) -> Path:
+    """`quick_run` in every format with int8, not verified: every kind of file an export holds."""
+    out = tmp_path_factory.mktemp("quick-exports") / "lenet"
+    result = run_cli("export", quick_run / "best.pt", "--format", "all", "--quantize", "int8", "--out", out,
+                     "--data-dir", mnist_dir, "--no-verify")
     assert result.returncode == 0, result.stderr
     return out

@@ -1,11 +1,16 @@
-"""Builders of the odd files the boundary tests feed the toolkit: ONNX models with foreign
-signatures, and exports with edited manifests."""
+"""Shared test helpers: the CLI run in-process, and builders of the odd files the boundary
+tests feed the toolkit (ONNX models with foreign signatures, exports with edited manifests)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -14,6 +19,23 @@ from onnx import TensorProto, helper, numpy_helper
 from toolkit.fileio import sha256_file
 
 FLOAT, UINT8, DOUBLE = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.DOUBLE
+
+
+def cli_in_process(*args: Any) -> subprocess.CompletedProcess:
+    """`toolkit ARGS` through the same `main()` as the command, inside the test process: no
+    interpreter and torch start-up per call. Warnings are pytest's here, so a test of what a
+    library warns on stderr runs the command as a subprocess (`run_cli`)."""
+    from toolkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["toolkit", *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def foreign_onnx(

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -21,6 +23,7 @@ def test_bench_infer_writes_rows_for_every_backend(export_dir, tmp_path):
     assert all(row["speedup_vs_eager"] == 1.0 for row in eager)
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_bench_train_compares_with_the_notebook_loop(mnist_dir, tmp_path):
     out = tmp_path / "train.json"
     result = run_cli("bench", "train", "mlp", "--data-dir", mnist_dir, "--notebook-batches", "5",

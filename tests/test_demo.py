@@ -222,6 +222,7 @@ def _stroke(page, points):
     page.mouse.up()
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (installed by .ci/run)")
 @pytest.mark.parametrize(
     ("digit", "strokes"),

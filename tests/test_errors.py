@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.helpers import UINT8, foreign_onnx, rewrite_manifest
+from tests.helpers import UINT8, cli_in_process, foreign_onnx, rewrite_manifest
 from toolkit.bench import example_label
 from toolkit.locate import EXAMPLES_DIR
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory, export_dir):
+def bad(tmp_path_factory, quick_export):
     """A folder of broken inputs of every kind, named by what is wrong with them."""
+    export_dir = quick_export
     root = tmp_path_factory.mktemp("bad")
     (root / "corrupt.pt").write_bytes((export_dir / "model.pt").read_bytes()[:2000])
     torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
@@ -200,11 +201,17 @@ CASES = [
 ]
 
 
+# Run as real processes, for what only a process shows: exit codes through the interpreter,
+# usage errors from the parser, and warnings libraries print to stderr.
+AS_PROCESS = {"frobnicate", "train lenet --epochs abc", "train resnet9000", "export {bad}/protocol-3.pt",
+              "verify {bad}/escape", "predict {digit} --model {bad}/swapped"}
+
+
 @pytest.mark.parametrize(("command", "message", "code"), CASES, ids=[c[0].split(" {")[0] for c in CASES])
-def test_user_errors_are_one_clear_line(bad, export_dir, trained_run, command, message, code):
+def test_user_errors_are_one_clear_line(bad, quick_export, quick_run, command, message, code):
     digit = sorted(EXAMPLES_DIR.glob("*.png"))[0]
-    args = [part.format(bad=bad, export=export_dir, run=trained_run, digit=digit) for part in command.split()]
-    result = run_cli(*args)
+    args = [part.format(bad=bad, export=quick_export, run=quick_run, digit=digit) for part in command.split()]
+    result = (run_cli if command in AS_PROCESS else cli_in_process)(*args)
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -237,12 +244,12 @@ def test_predict_takes_folders_of_images(tmp_path, export_dir):
 
 
 @pytest.mark.parametrize("folder", [".", "not-ours", "with-notes"])
-def test_export_never_replaces_a_folder_it_did_not_write(bad, export_dir, folder):
+def test_export_never_replaces_a_folder_it_did_not_write(bad, quick_export, folder):
     """Not the bad folder itself, nor one holding a foreign manifest.json, nor an export a person
     added a file to: each is refused and left byte for byte as it was."""
     target = bad / folder
     before = {p.relative_to(target): p.read_bytes() if p.is_file() else None for p in target.rglob("*")}
-    result = run_cli("export", export_dir / "model.pt", "--out", target, "--no-verify")
+    result = cli_in_process("export", quick_export / "model.pt", "--out", target, "--no-verify")
     assert result.returncode == 1 and "refusing to replace it" in result.stderr, result.stderr
     assert {p.relative_to(target): p.read_bytes() if p.is_file() else None for p in target.rglob("*")} == before
     assert not list(target.parent.glob(f".{target.name}.*"))

@@ -25,9 +25,12 @@ from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_ma
 from toolkit.bench import free_port
 from toolkit.checkpoint import load_checkpoint
 from toolkit.cli import _caused_by_ctrl_c
+from toolkit.decode import ImageReadError, load_image
 from toolkit.errors import ToolkitError
 from toolkit.locate import EXAMPLES_DIR
-from toolkit.preprocess import ImageReadError, load_image, preprocess
+from toolkit.preprocess import preprocess
+
+pytestmark = pytest.mark.faults
 
 TRAIN = ["train", "lenet", "--epochs", "4", "--limit-train", "3000", "--batch-size", "100", "--device", "cpu"]
 

@@ -6,18 +6,12 @@ from PIL import ExifTags, Image, ImageDraw, ImageOps
 
 from tests.conftest import FASHION_DIR
 from toolkit.data import load_split
+from toolkit.decode import ImageReadError, load_image
 from toolkit.errors import ToolkitError
+from toolkit.framing import MNIST_FRAMING, Framing, frame_stroke_width, measure_framing
 from toolkit.inference import classify
 from toolkit.locate import EXAMPLES_DIR
-from toolkit.preprocess import (
-    MNIST_FRAMING,
-    Framing,
-    ImageReadError,
-    frame_stroke_width,
-    load_image,
-    measure_framing,
-    preprocess,
-)
+from toolkit.preprocess import preprocess
 from toolkit.runtime import Predictor
 
 

@@ -5,10 +5,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from toolkit.locate import EXAMPLES_DIR
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_the_python_api_example_runs(mnist_dir, tmp_path):
     readme = (REPO / "README.md").read_text()
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)

@@ -72,6 +72,7 @@ def test_inspect_a_zoo_name_counts_parameters(tmp_path, arch, params, has_conv):
         assert "no convolutional layer" in result.stdout
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_compare_trains_each_model_the_same_way(tmp_path):
     result = run_cli("compare", "mlp", "tinycnn", "--epochs", "1", "--limit-train", "3000", "--out", tmp_path)
     assert result.returncode == 0, result.stderr

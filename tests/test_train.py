@@ -43,6 +43,7 @@ def _interrupt_at(epoch_to_stop):
     return progress
 
 
+@pytest.mark.slow  # trains for tens of seconds
 @pytest.mark.parametrize("scheduler", ["onecycle", "step"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, mnist_dir, scheduler):
     config = make_config("lenet", epochs=3, limit_train=1500, batch_size=100, scheduler=scheduler)
@@ -74,6 +75,7 @@ def test_recipe_decides_augmentation_unless_the_user_does():
     assert make_config("lenet", augment=True).augment
 
 
+@pytest.mark.slow  # trains for tens of seconds
 def test_torchrun_trains_with_two_cpu_processes(tmp_path, mnist_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

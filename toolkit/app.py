@@ -21,10 +21,10 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from toolkit.classes import DIGITS
+from toolkit.decode import MAX_DECODE_PIXELS, ImageReadError, open_image
 from toolkit.errors import ToolkitError
 from toolkit.inference import Classification, classify
 from toolkit.locate import EXAMPLES_DIR
-from toolkit.preprocess import MAX_DECODE_PIXELS, ImageReadError, open_image
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.demo")

@@ -214,7 +214,7 @@ def request_inputs(images: list[Path]) -> dict[str, list[Any]]:
     """
     from PIL import Image
 
-    from toolkit.preprocess import load_image
+    from toolkit.decode import load_image
 
     canvases, photos = [], []
     for index, path in enumerate(images):

@@ -26,7 +26,7 @@ from toolkit.models import create_model
 
 if TYPE_CHECKING:
     from toolkit.config import TrainConfig
-    from toolkit.preprocess import Framing
+    from toolkit.framing import Framing
 
 FORMAT = "toolkit-checkpoint"
 FORMAT_VERSION = 1

@@ -31,10 +31,10 @@ from toolkit.checkpoint import (
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
+from toolkit.framing import Framing
 from toolkit.manifest import FORMAT as MANIFEST_FORMAT
 from toolkit.manifest import MANIFEST, PARITY, files_in
 from toolkit.manifest import VERSION as MANIFEST_VERSION
-from toolkit.preprocess import Framing
 
 FORMATS = ("onnx", "torchscript", "all", "triton")
 MIN_OPSET, MAX_OPSET = 18, 23

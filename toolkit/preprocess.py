@@ -11,22 +11,16 @@ image file), with the `Framing` measured on the model's training set.
 from __future__ import annotations
 
 import functools
-import io
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import ExifTags, Image, ImageChops, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageChops
 
-from toolkit.errors import ToolkitError
+from toolkit.decode import working_picture
+from toolkit.framing import FRAME, MNIST_FRAMING, STROKE_SCALE, Framing, stroke_width
 
-FRAME = 28
-MAX_WORKING_SIDE = 1024  # larger inputs are downscaled first: bounded memory and time
 COARSE_SIDE = 128  # the ink is first located on a copy about this size
-MAX_DECODE_PIXELS = 40_000_000  # refuse to decode more (decompression bombs)
 INK_LEVEL = 127  # a pixel counts as ink above this (0 background, 255 full ink)
 FAINT_LEVEL = 25  # below this a pixel is paper, not ink
 UNEVEN_LEVEL = 24  # paper whose level varies more than this (shadows, gradients) is evened out
@@ -45,208 +39,6 @@ FRAME_THICKNESS = 0.1  # a box drawn around the subject has sides at most this s
 MIN_FRAMED = 0.3  # ink inside such a box is the subject when it spans this share of the inside
 MAX_TILT = 5.0  # degrees: ruled lines in a photo of a page held roughly level
 TILT_STEP = 0.5  # a line this far off a tried angle drifts under one row across the reduced copy
-STROKE_SCALE = 4  # stroke widths are measured with the subject drawn 4x its size in the frame
-STROKE_PERCENTILE = 10  # strokes thinner than all but a tenth of the training set's are thickened
-
-
-class ImageReadError(ToolkitError):
-    """The input cannot be read as an image."""
-
-
-@dataclass(frozen=True)
-class Framing:
-    """How a dataset frames its subjects: the longer side in pixels, what sits at the centre
-    (`mass`: the centre of mass, as MNIST; `box`: the bounding box, as Fashion-MNIST), and the
-    width of its thinner strokes in frame pixels (thinner input strokes are thickened to it;
-    0: never)."""
-
-    box: int = 20
-    centre: str = "mass"
-    stroke: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.box <= FRAME or self.centre not in ("mass", "box") or not 0 <= self.stroke < self.box:
-            raise ToolkitError(
-                f"invalid framing {self}: box must be 1..{FRAME}, centre 'mass' or 'box', stroke 0..box"
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> Framing:
-        """From checkpoint or model metadata; MNIST's framing when absent (older exports)."""
-        if not values:
-            return MNIST_FRAMING
-        try:
-            return cls(**values)
-        except TypeError:
-            raise ToolkitError(
-                f"invalid framing {values!r}: expected {{'box': int, 'centre': str, 'stroke': float}}"
-            ) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-MNIST_FRAMING = Framing(20, "mass", 1.83)  # what measure_framing finds on MNIST's training set
-
-
-def measure_framing(images: np.ndarray, sample: int = 10_000) -> Framing:
-    """The framing of a set of uint8 [N, 28, 28] images: median longer side of the nonzero
-    pixels' box, whichever of centre of mass or box centre sits closer to the frame centre, and
-    the stroke width that a tenth of the images (of 2,000) fall below."""
-    if len(images) > sample:
-        images = images[np.linspace(0, len(images) - 1, sample).astype(int)]
-    images = images[images.any((1, 2))]
-    widths = [frame_stroke_width(image) for image in images[:2000]]
-    images = images.astype(np.float32)
-    if not len(images):
-        return MNIST_FRAMING
-    rows, cols = images.any(2), images.any(1)
-    first_row, last_row = rows.argmax(1), FRAME - 1 - rows[:, ::-1].argmax(1)
-    first_col, last_col = cols.argmax(1), FRAME - 1 - cols[:, ::-1].argmax(1)
-    longest = np.maximum(last_row - first_row, last_col - first_col) + 1
-    middle = (FRAME - 1) / 2
-    mass = images.sum((1, 2))
-    index = np.arange(FRAME)
-    mass_offset = np.hypot(images.sum(2) @ index / mass - middle, images.sum(1) @ index / mass - middle)
-    box_offset = np.hypot((first_row + last_row) / 2 - middle, (first_col + last_col) / 2 - middle)
-    centre = "mass" if np.median(mass_offset) <= np.median(box_offset) else "box"
-    stroke = round(float(np.percentile(widths, STROKE_PERCENTILE)), 2)
-    return Framing(int(np.median(longest)), centre, stroke)
-
-
-def stroke_width(pixels: np.ndarray) -> float:
-    """The typical width in pixels of the strokes in a [H, W] ink image (0 background): the ink's
-    area over half its outline, since a stroke of width w and length L covers w*L pixels and is
-    edged by 2*L. Widths under 2 read as 2 (every pixel is an edge)."""
-    ink = pixels > pixels.max() / 2
-    # Pixels with ink on all four sides; those on the image's border count as edge.
-    inside = ink[1:-1, 1:-1] & ink[:-2, 1:-1] & ink[2:, 1:-1] & ink[1:-1, :-2] & ink[1:-1, 2:]
-    area = np.count_nonzero(ink)
-    edge = area - np.count_nonzero(inside)
-    return 2 * area / edge if edge else 0.0
-
-
-def frame_stroke_width(image: np.ndarray) -> float:
-    """Stroke width in frame pixels of a [28, 28] image (uint8, or float in [0, 1]), read at
-    STROKE_SCALE times the size where a pixel is no longer a stroke's whole width."""
-    pixels = image if image.dtype == np.uint8 else np.clip(image * 255, 0, 255).astype(np.uint8)
-    large = Image.fromarray(pixels).resize((FRAME * STROKE_SCALE,) * 2, Image.Resampling.LANCZOS)
-    return stroke_width(np.asarray(large)) / STROKE_SCALE
-
-
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (or its bytes) without decoding its pixels: only the header is read,
-    and an image over MAX_DECODE_PIXELS is refused before anything decodes it."""
-    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
-        raise ImageReadError("cannot read this image: not a regular file")  # a FIFO or device may never end
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size below
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except FileNotFoundError as exc:
-        raise ImageReadError(f"file not found: {source}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"cannot read this image: it is too large ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageReadError("cannot read this image: not a supported image file") from exc
-    width, height = image.size
-    if width * height > MAX_DECODE_PIXELS:
-        image.close()
-        raise ImageReadError(
-            f"cannot read this image: {width}x{height} is too large (limit {MAX_DECODE_PIXELS:,} pixels)"
-        )
-    return image
-
-
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (or its bytes) safely: size-checked before decoding, first frame only."""
-    image = open_image(source)
-    try:
-        image = next(iter(ImageSequence.Iterator(image)))  # animated: first frame
-        image.draft("L", (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # JPEG: decode at reduced size
-        image.load()
-        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, with a rotation tag
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read this image: {exc}") from exc
-    return image
-
-
-def working_picture(image: Any) -> Image.Image:
-    """The input as a PIL image (mode L, RGB or RGBA) no larger than MAX_WORKING_SIDE."""
-    picture = to_pil(image)
-    if min(picture.size) == 0:
-        raise ImageReadError("cannot read this image: it is empty (0 pixels)")
-    if max(picture.size) > MAX_WORKING_SIDE:
-        picture = picture.copy()
-        picture.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE), Image.Resampling.BOX)
-    return picture
-
-
-def to_pil(image: Any) -> Image.Image:
-    """Any supported input as an 8-bit PIL image in mode L, RGB or RGBA."""
-    if isinstance(image, dict):
-        return to_pil(_sketchpad_image(image))
-    if isinstance(image, str | Path | bytes):
-        return to_pil(load_image(image))
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(_array_to_uint8(image))
-    if not isinstance(image, Image.Image):
-        raise ImageReadError(f"cannot read this image: unsupported input type {type(image).__name__}")
-    if image.mode in ("L", "RGB", "RGBA"):
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image.convert("F"))
-        return Image.fromarray(_array_to_uint8(values / max(float(values.max()), 1.0)))
-    has_alpha = image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info
-    return image.convert("RGBA" if has_alpha else "RGB") if image.mode != "1" else image.convert("L")
-
-
-def _sketchpad_image(value: dict[str, Any]) -> Any:
-    """Gradio's ImageEditor/Sketchpad value: `composite`, else `background` with `layers` on top."""
-    if value.get("composite") is not None:
-        return value["composite"]
-    parts = [to_pil(p).convert("RGBA") for p in [value.get("background"), *(value.get("layers") or [])]
-             if p is not None]
-    if not parts:
-        return np.zeros((FRAME, FRAME), dtype=np.uint8)
-    canvas = Image.new("RGBA", parts[0].size, (255, 255, 255, 0))
-    for part in parts:
-        canvas.alpha_composite(part.resize(canvas.size) if part.size != canvas.size else part)
-    return canvas
-
-
-def _array_to_uint8(array: np.ndarray) -> np.ndarray:
-    """[H, W], [H, W, 1|3|4] or channels-first pixels of any numeric dtype as uint8 [H, W(, C)]."""
-    if array.ndim == 4 and array.shape[0] == 1:  # a batch of one
-        array = array[0]
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channels-first
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-        raise ImageReadError(f"cannot read this image: array of shape {list(array.shape)}")
-    if min(array.shape[:2]) == 0:
-        raise ImageReadError("cannot read this image: it is empty (0 pixels)")
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    return (_to_unit_float(array) * 255).round().astype(np.uint8)
-
-
-def _to_unit_float(array: np.ndarray) -> np.ndarray:
-    """Pixels as float32 in [0, 1] by dtype convention (ints: their range; floats: 0..1 or 0..255)."""
-    if array.dtype == bool:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(array.dtype)
-        top = 255 if array.max(initial=0) <= 255 and info.max > 255 else info.max
-        return np.clip(array.astype(np.float32) / top, 0, 1)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ImageReadError(f"cannot read this image: unsupported pixel type {array.dtype}")
-    if not np.isfinite(array).all():
-        raise ImageReadError("cannot read this image: it contains NaN or infinite values")
-    scaled = array / 255.0 if array.max(initial=0) > 1.0 else array
-    return np.clip(scaled, 0, 1).astype(np.float32)
 
 
 def _gray_levels(picture: Image.Image) -> Image.Image:

@@ -15,8 +15,8 @@ import numpy as np
 from toolkit.classes import DIGITS
 from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
+from toolkit.framing import Framing
 from toolkit.manifest import MANIFEST, IntegrityError, check_onnx_model, read_manifest
-from toolkit.preprocess import Framing
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}

@@ -27,8 +27,8 @@ from toolkit.data import get_dataset, load_split, shuffled_batches
 from toolkit.distributed import Distributed, resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
+from toolkit.framing import Framing, measure_framing
 from toolkit.models import create_model
-from toolkit.preprocess import Framing, measure_framing
 
 __all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "evaluate", "make_config", "train", "train_one_epoch"]
 
