@@ -18,7 +18,7 @@ from toolkit.locate import EXAMPLES_DIR
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory, quick_export):
+def bad(tmp_path_factory, quick_export, quick_run):
     """A folder of broken inputs of every kind, named by what is wrong with them."""
     export_dir = quick_export
     root = tmp_path_factory.mktemp("bad")
@@ -30,15 +30,15 @@ def bad(tmp_path_factory, quick_export):
     shutil.copytree(export_dir, no_manifest)
     (no_manifest / "manifest.json").unlink()
     (root / "corrupt.onnx").write_bytes(b"\x08\x01garbage")
-    _odd_exports(root, export_dir)
+    _odd_exports(root, export_dir, quick_run / "last.pt")
     _foreign_models(root)
-    _odd_checkpoints(root, export_dir)
+    _odd_checkpoints(root, export_dir, quick_run / "last.pt")
     torch.save({"weights": torch.zeros(3)}, root / "protocol-3.pt", pickle_protocol=3)  # torch.load warns
     torch.save({"weights": torch.zeros(3)}, root / "protocol-4.pt", pickle_protocol=4)  # it cannot read it
     return root
 
 
-def _odd_exports(root, export_dir):
+def _odd_exports(root, export_dir, other_checkpoint):
     """Folders that look like exports but cannot be proven to be one."""
     not_ours = root / "not-ours"  # the issue's reproduction: a folder that merely holds a manifest.json
     (not_ours / "src").mkdir(parents=True)
@@ -65,6 +65,19 @@ def _odd_exports(root, export_dir):
     (root / "manifest-dir" / "manifest.json").mkdir()
     shutil.copytree(export_dir, root / "with-notes")
     (root / "with-notes" / "NOTES.md").write_text("mine")
+    shutil.copytree(export_dir, root / "with-empty-folder")
+    (root / "with-empty-folder" / "drafts" / "later").mkdir(parents=True)
+    shutil.copytree(export_dir, root / "edited")
+    with open(root / "edited" / "model.pt", "ab") as fh:
+        fh.write(b"a person's edit")
+    shutil.copytree(export_dir, root / "pt-swapped")  # no ONNX model: evaluate runs model.pt
+    (root / "pt-swapped" / "model.onnx").unlink()
+    shutil.copy(other_checkpoint, root / "pt-swapped" / "model.pt")
+    for name, text in {"nested-manifest": "[" * 100_000 + "]" * 100_000,
+                       "huge-version": '{"manifest_version": ' + "9" * 5000 + "}"}.items():
+        shutil.copytree(export_dir, root / name)
+        (root / name / "manifest.json").write_text(text)
+    (root / "loop").symlink_to(root / "loop")
 
 
 def _foreign_models(root):
@@ -82,14 +95,30 @@ def _foreign_models(root):
         foreign_onnx(root / f"{name}.onnx", **signature)
 
 
-def _odd_checkpoints(root, export_dir):
+def _odd_checkpoints(root, export_dir, last_checkpoint):
     """The export's checkpoint with one field of the wrong type each."""
     good = torch.load(export_dir / "model.pt", weights_only=True)
     for field, value in {
         "format_version": "1", "model_kwargs": "num_classes=10", "normalization": {"mean": 0.1},
         "state_dict": "weights", "class_names": 10, "metrics": "good",
+        "framing": {"box": 28, "centre": "box", "stroke": 27.9},  # thickening that would take minutes
     }.items():
         torch.save({**good, field: value}, root / f"bad-{field}.pt")
+    nan = {name: torch.full_like(tensor, float("nan")) for name, tensor in good["state_dict"].items()}
+    odd = {
+        "nan-weights": {"state_dict": nan},
+        "complex-weights": {"state_dict": {k: v.to(torch.complex64) for k, v in good["state_dict"].items()}},
+        "nan-accuracy": {"metrics": {"test_acc": float("nan")}},
+        "1000-names": {"class_names": [f"class {i}" for i in range(1000)]},
+    }
+    for name, fields in odd.items():
+        torch.save({**good, **fields}, root / f"{name}.pt")
+    last = torch.load(last_checkpoint, weights_only=True)
+    for name, fields in {"no-epoch": {"epoch": None}, "no-history": {"metrics": {"history": []}},
+                         "foreign-optimizer": {"optimizer_state": {"x": 1}}}.items():
+        run = root / f"run-{name}"
+        run.mkdir()
+        torch.save({k: v for k, v in {**last, **fields}.items() if v is not None}, run / "last.pt")
 
 
 CASES = [
@@ -198,6 +227,23 @@ CASES = [
     ("train lenet --resume {run} --lr 3", "--lr cannot be changed with --resume", 1),
     ("train lenet --resume {run} --name other", "--name cannot be changed with --resume", 1),
     ("train mlp --resume {run}", "is a lenet run, not mlp", 1),
+    # Found by a hostile probe of the first fixes.
+    ("evaluate {bad}/pt-swapped", "model.pt does not match the sha256", 1),
+    ("export {bad}/bad-framing.pt --no-verify", "stroke 0..box/4", 1),
+    ("export {export}/model.pt --no-verify --out {bad}/loop", "cannot write to", 1),
+    ("predict {digit} --model {bad}/nested-manifest", "nested too deeply", 1),
+    ("verify {bad}/huge-version", "cannot read", 1),
+    ("train lenet --batch-size 100000000000000000000", "--batch-size must be at most", 1),
+    ("train lenet --resume {bad}/run-no-epoch", "holds no consistent training state", 1),
+    ("train lenet --resume {bad}/run-no-history", "holds no consistent training state", 1),
+    ("train lenet --resume {bad}/run-foreign-optimizer", "holds no consistent training state", 1),
+    ("evaluate {bad}/nan-weights.pt", "output is not finite", 1),
+    ("export {bad}/nan-weights.pt --no-verify", "output is not finite", 1),
+    ("export {bad}/complex-weights.pt", "not named real-valued tensors", 1),
+    ("export {bad}/nan-accuracy.pt", "'metrics' needs a numeric 'test_acc'", 1),
+    ("export {bad}/1000-names.pt --no-verify", "answers 10 classes but the checkpoint names 1000", 1),
+    ("verify {export} --atol inf", "atol must be a finite number >= 0, got inf", 1),
+    ("inspect {run} --out {bad}/not-an-image.png", "it is a file, not a folder", 1),
 ]
 
 
@@ -243,7 +289,7 @@ def test_predict_takes_folders_of_images(tmp_path, export_dir):
     assert rows[-1] == {"file": str(tmp_path / "empty"), "error": "no image files in this folder"}
 
 
-@pytest.mark.parametrize("folder", [".", "not-ours", "with-notes"])
+@pytest.mark.parametrize("folder", [".", "not-ours", "with-notes", "with-empty-folder", "edited"])
 def test_export_never_replaces_a_folder_it_did_not_write(bad, quick_export, folder):
     """Not the bad folder itself, nor one holding a foreign manifest.json, nor an export a person
     added a file to: each is refused and left byte for byte as it was."""

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -217,3 +218,15 @@ def test_failed_checks_raise_typed_errors_that_carry_the_report(export_dir, trai
     with pytest.raises(ArtifactIntegrityError):
         report.raise_for_failure()
     assert json.loads((tampered / "parity.json").read_text())["parity_version"] == 1
+
+
+def test_out_dot_exports_into_the_folder_it_names_and_others_can_read_it(quick_run, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    result = run_cli("export", quick_run / "best.pt", "--out", ".", "--no-verify", cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert (here / "manifest.json").is_file() and (here / "model.onnx").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert here.stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 would lock out a Triton container
+    assert (here / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~umask

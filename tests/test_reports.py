@@ -96,6 +96,13 @@ def test_report_commands_reject_bad_input(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_a_report_of_another_model_leaves_no_picture_of_the_last_one(quick_run, tmp_path):
+    assert run_cli("inspect", quick_run, "--out", tmp_path).returncode == 0
+    assert (tmp_path / "filters.png").is_file()
+    assert run_cli("inspect", "mlp", "--out", tmp_path).returncode == 0  # no convolution: no pictures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.json"]
+
+
 @pytest.mark.parametrize(("command", "second"), [("inspect", "lenet"), ("evaluate", None)])
 def test_a_failed_report_leaves_the_previous_one_whole(trained_run, tmp_path, command, second):
     """The pictures and the JSON of a report appear together or not at all: a second report (of

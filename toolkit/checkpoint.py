@@ -131,6 +131,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
 def checkpoint_problem(checkpoint: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint dict's fields, in one phrase, or None when they are sound."""
     for key, types in _FIELD_TYPES.items():
@@ -139,19 +143,19 @@ def checkpoint_problem(checkpoint: dict[str, Any]) -> str | None:
     if not all(isinstance(k, str) for k in checkpoint["model_kwargs"]):
         return "'model_kwargs' has keys that are not names"
     state = checkpoint["state_dict"]
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        return "'state_dict' holds entries that are not named tensors"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) and not v.is_complex() for k, v in state.items()):
+        return "'state_dict' holds entries that are not named real-valued tensors"
     names = checkpoint["class_names"]
     if not names or not all(isinstance(n, str) for n in names):
         return "'class_names' must be a non-empty list of strings"
     norm = checkpoint["normalization"]
     mean, std = norm.get("mean"), norm.get("std")
-    if not (_is_number(mean) and _is_number(std) and math.isfinite(mean) and math.isfinite(std) and std > 0):
+    if not (_is_finite(mean) and _is_finite(std) and std > 0):
         return "'normalization' needs a finite 'mean' and a positive 'std'"
     metrics = checkpoint.get("metrics", {})
     history = metrics.get("history", [])
-    if not _is_number(metrics.get("test_acc", 0.0)) or not isinstance(history, list) or not all(
-            isinstance(h, dict) and _is_number(h.get("epoch")) and _is_number(h.get("test_acc")) for h in history):
+    if not _is_finite(metrics.get("test_acc", 0.0)) or not isinstance(history, list) or not all(
+            isinstance(h, dict) and _is_number(h.get("epoch")) and _is_finite(h.get("test_acc")) for h in history):
         return "'metrics' needs a numeric 'test_acc' and a 'history' of epochs with 'epoch' and 'test_acc'"
     return None
 

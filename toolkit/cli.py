@@ -371,6 +371,8 @@ def evaluate(
     for name, m in report["per_class"].items():
         table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
     console.print(table)
+    if report["integrity"].startswith(("unverified", "not checked")):
+        err_console.print(f"note: the model is {report['integrity']}", highlight=False)
     console.print(f"report directory: {report_dir}")
 
 

@@ -17,6 +17,7 @@ from toolkit.models import Recipe, get_entry
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULERS = ("onecycle", "step", "none")
 RECIPES = ("default", "notebook")
+MAX_BATCH_SIZE = 1 << 24  # larger than any dataset here; batch indices must fit in 64 bits
 MAX_SEED = 2**32 - 1  # seeds are mixed with epoch numbers and must stay within torch's 64-bit range
 
 
@@ -47,6 +48,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ToolkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ToolkitError(f"--batch-size must be at most {MAX_BATCH_SIZE:,}, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ToolkitError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -116,4 +119,10 @@ def load_resume_state(run_dir: str | Path) -> tuple[Path, dict[str, Any], TrainC
         config.validate()
     except TypeError as exc:
         raise ToolkitError(f"{last} has a config this toolkit cannot read: {exc}") from exc
+    epoch, history = checkpoint.get("epoch"), checkpoint.get("metrics", {}).get("history")
+    optimizer = checkpoint["optimizer_state"]
+    if not (isinstance(epoch, int) and 1 <= epoch <= config.epochs and history and history[-1]["epoch"] == epoch
+            and isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)):
+        raise ToolkitError(f"{last} holds no consistent training state to resume from (its epoch, history or "
+                           "optimizer state is missing or does not agree)")
     return last.parent, checkpoint, config

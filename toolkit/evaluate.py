@@ -14,6 +14,7 @@ from toolkit.checkpoint import build_deployable, checkpoint_file, load_checkpoin
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import files_together, write_json
+from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest
 from toolkit.plots import plot_confusion, plot_digit_grid
 
 MISTAKES_SHOWN = 32
@@ -30,6 +31,7 @@ class ScoringModel:
     dataset: str
     class_names: list[str]
     logits: Callable[[np.ndarray], np.ndarray]
+    integrity: str  # whether the file run was proven to be the one its export's manifest lists
 
 
 def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integrity: bool = True) -> ScoringModel:
@@ -44,8 +46,9 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
             raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
         name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
-                            predictor.class_names, lambda x: predictor.run(x)[0])
+                            predictor.class_names, lambda x: predictor.run(x)[0], predictor.integrity)
     path = checkpoint_file(path)
+    integrity = _checkpoint_integrity(path, check_integrity)
     checkpoint = load_checkpoint(path)
     model = build_deployable(checkpoint)
 
@@ -54,7 +57,21 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
             return model(torch.from_numpy(batch))[0].numpy()
 
     return ScoringModel(path.resolve().parent.name, str(path), "pytorch", checkpoint["dataset"],
-                        list(checkpoint["class_names"]), run)
+                        list(checkpoint["class_names"]), run, integrity)
+
+
+def _checkpoint_integrity(path: Path, check: bool) -> str:
+    """A checkpoint inside an export (beside a manifest.json) must be the one the manifest lists."""
+    if not (path.parent / MANIFEST).exists() and not (path.parent / MANIFEST).is_symlink():
+        return "a training checkpoint, not part of an export"
+    if not check:
+        return "not checked (--skip-integrity-check)"
+    try:
+        check_artifact(path.parent, path.name, read_manifest(path.parent))
+    except IntegrityError as exc:
+        raise IntegrityError(f"refusing to evaluate {path}: {exc}; re-export it, or pass --skip-integrity-check "
+                             "if you trust it") from None
+    return "verified against its manifest"
 
 
 def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
@@ -91,6 +108,8 @@ def evaluate(
     test = load_split(dataset, data_dir, train=False)
     pixels = test.pixels().numpy()
     logits = np.concatenate([model.logits(chunk) for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
+    if not np.isfinite(logits).all():
+        raise ToolkitError(f"{model.source}: the model's output is not finite (NaN or infinity): it is broken")
     labels = test.labels.numpy()
     predicted = logits.argmax(1)
     n = len(model.class_names)
@@ -107,6 +126,7 @@ def evaluate(
         "dataset": dataset,
         "samples": len(labels),
         "accuracy": accuracy,
+        "integrity": model.integrity,
         "class_names": model.class_names,
         "confusion_matrix": matrix.tolist(),
         "per_class": per_class_metrics(matrix, model.class_names),

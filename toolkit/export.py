@@ -212,6 +212,13 @@ def export_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint_sha = sha256_file(checkpoint_path)
     model = build_deployable(checkpoint)
+    with torch.no_grad():
+        logits, _ = model(_example_batch())
+    if logits.shape[1:] != (len(checkpoint["class_names"]),):
+        raise ToolkitError(f"{checkpoint_path}: the model answers {logits.shape[1]} classes but the checkpoint names "
+                           f"{len(checkpoint['class_names'])}")
+    if not torch.isfinite(logits).all():
+        raise ToolkitError(f"{checkpoint_path}: the model's output is not finite (NaN or infinity): it is broken")
     metadata = model_metadata(checkpoint, checkpoint_sha)
     # The export dir is self-contained: the reference weights travel with the artifacts.
     save_checkpoint(out_dir / "model.pt", {k: v for k, v in checkpoint.items()
@@ -250,7 +257,7 @@ def export_checkpoint(
 def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Every file in the export (manifest and parity report aside) with size and sha256."""
     return {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
-            for name in files_in(out_dir) if name not in (MANIFEST, PARITY)}
+            for name in files_in(out_dir) if name not in (MANIFEST, PARITY) and not name.endswith("/")}
 
 
 @contextlib.contextmanager

@@ -20,15 +20,19 @@ def _umask() -> int:
     return mask
 
 
-# mkstemp makes 0600 files; artifacts get the permissions any new file of this user would get,
-# so that another account (a Triton container, a web server) can read an export.
+# mkstemp and mkdtemp make 0600 files and 0700 folders; artifacts get the permissions any new
+# file or folder of this user would get, so that another account (a Triton container, a web
+# server) can read an export.
 _FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
 
 
 def _temp_file_beside(target: Path) -> Path:
     """Create an empty temporary file in `target`'s folder (made if missing), or fail clearly."""
     if target.is_dir():
         raise ToolkitError(f"cannot write {target}: it is a directory")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ToolkitError(f"cannot write to {target.parent}: it is a file, not a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -117,8 +121,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ToolkitError(f"file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ToolkitError(f"cannot read {path} as JSON: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5,000-digit number
+        raise ToolkitError(f"cannot read {path} as JSON: {str(exc)[:200]}") from exc
+    except RecursionError:  # nested deeper than the parser's stack
+        raise ToolkitError(f"cannot read {path} as JSON: nested too deeply") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,9 +31,11 @@ class Framing:
     stroke: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.box <= FRAME or self.centre not in ("mass", "box") or not 0 <= self.stroke < self.box:
+        # Strokes are thickened towards `stroke`; near the box's own size that would grow a disc
+        # as wide as the drawing (minutes an image), and no dataset's strokes are that wide.
+        if not 1 <= self.box <= FRAME or self.centre not in ("mass", "box") or not 0 <= self.stroke <= self.box / 4:
             raise ToolkitError(
-                f"invalid framing {self}: box must be 1..{FRAME}, centre 'mass' or 'box', stroke 0..box"
+                f"invalid framing {self}: box must be 1..{FRAME}, centre 'mass' or 'box', stroke 0..box/4"
             )
 
     @classmethod

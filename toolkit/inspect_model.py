@@ -18,6 +18,7 @@ from toolkit.fileio import files_together, write_json
 from toolkit.models import count_parameters, create_model, list_models
 from toolkit.plots import plot_feature_maps, plot_filters
 
+PICTURES = ("filters.png", "feature_maps.png")
 ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU)
 GRAPH_NOTE = ("no graph picture: no maintained Python library draws one without a system binary (Graphviz); "
               "the exported model.onnx is the graph: open it in Netron (https://netron.app)")
@@ -123,6 +124,8 @@ def inspect_model(
             after = type(activation).__name__ if activation is not None else "no nonlinearity"
             plot_feature_maps(digits[:, 0], captured[0].numpy(), labels, stage("feature_maps.png"),
                               f"{name}: first conv layer's activations (after {after})")
-            report["pictures"] += ["filters.png", "feature_maps.png"]
+            report["pictures"] += list(PICTURES)
         write_json(stage("inspect.json"), report)
+    for stale in sorted(set(PICTURES) - set(report["pictures"])):  # an earlier report's, of another model
+        (out_dir / stale).unlink(missing_ok=True)
     return out_dir, report

@@ -67,13 +67,22 @@ def _check_entry(path: Path, name: Any, entry: Any) -> None:
 
 
 def files_in(export_dir: Path) -> list[str]:
-    """Every entry under `export_dir` that is not a plain folder (files, links, FIFOs...), as
-    POSIX relative names; symbolic links to folders are not followed."""
+    """Every entry under `export_dir` as a POSIX relative name: files, links, FIFOs..., and empty
+    folders (with a trailing '/'); symbolic links to folders are not followed. A folder that
+    cannot be read is an error, not a folder without files."""
+    def unreadable(exc: OSError) -> None:
+        raise ToolkitError(f"cannot read {exc.filename}: {exc.strerror or exc}")
+
     found = []
-    for root, dirs, files in os.walk(export_dir):
-        links = [d for d in dirs if (Path(root) / d).is_symlink()]
-        dirs[:] = [d for d in dirs if d not in links]
-        found += [(Path(root) / name).relative_to(export_dir).as_posix() for name in files + links]
+    try:
+        for root, dirs, files in os.walk(export_dir, onerror=unreadable):
+            links = [d for d in dirs if (Path(root) / d).is_symlink()]
+            dirs[:] = [d for d in dirs if d not in links]
+            found += [(Path(root) / name).relative_to(export_dir).as_posix() for name in files + links]
+            if not dirs and not files and not links and Path(root) != export_dir:
+                found.append(Path(root).relative_to(export_dir).as_posix() + "/")
+    except OSError as exc:  # a name too long for the system, a loop of links
+        raise ToolkitError(f"cannot read {export_dir}: {exc.strerror or exc}") from exc
     return sorted(found)
 
 
@@ -113,7 +122,10 @@ def external_data_files(model_path: Path) -> list[str]:
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ToolkitError(f"{model_path} is not a valid ONNX model ({type(exc).__name__})") from exc
     locations = {ExternalDataInfo(tensor).location for tensor in _tensors(model.graph) if uses_external_data(tensor)}
-    return sorted(location.replace("\\", "/") for location in locations)
+    odd = [location for location in locations if "\\" in location]
+    if odd:  # onnxruntime opens the name as written, which no manifest entry can name
+        raise IntegrityError(f"{model_path} keeps tensors in {odd[0]!r}: a name with a backslash")
+    return sorted(locations)
 
 
 def _tensors(graph: Any) -> list[Any]:

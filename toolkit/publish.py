@@ -14,8 +14,8 @@ from typing import Any
 
 from toolkit.errors import ToolkitError
 from toolkit.export import ExportOptions, export_checkpoint
-from toolkit.fileio import write_json
-from toolkit.manifest import MANIFEST, read_manifest, unlisted_files
+from toolkit.fileio import DIR_MODE, write_json
+from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest, unlisted_files
 from toolkit.verify import DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_RTOL, ParityReport, verify_export
 
 
@@ -76,14 +76,16 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
 
     A symbolic link is followed: the folder it points to is replaced, the link stays.
     """
-    target = Path(target)
-    if target.is_symlink():
-        target = target.resolve()
+    try:  # '.', '..' and links name the folder they stand for
+        target = Path(target).resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise ToolkitError(f"cannot write to {target}: {exc}") from None
     _check_replaceable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_stages(target)
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
+        os.chmod(stage, DIR_MODE)
     except OSError as exc:
         raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     try:
@@ -117,9 +119,25 @@ def _check_replaceable(target: Path) -> None:
                            "choose a new or empty --out") from None
     unlisted = unlisted_files(target, manifest)
     if unlisted:
-        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
-        raise ToolkitError(f"{target} holds files its manifest does not list ({shown}); refusing to replace it, "
-                           "move them away or choose another --out")
+        raise ToolkitError(f"{target} holds files its manifest does not list ({_some(unlisted)}); refusing to "
+                           "replace it, move them away or choose another --out")
+    changed = [name for name in manifest["artifacts"] if (target / name).exists() and not _as_listed(target, name,
+                                                                                                     manifest)]
+    if changed:
+        raise ToolkitError(f"{target} holds files changed since it was exported ({_some(changed)}); refusing to "
+                           "replace it, move them away or choose another --out")
+
+
+def _as_listed(export_dir: Path, name: str, manifest: dict[str, Any]) -> bool:
+    try:
+        check_artifact(export_dir, name, manifest)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _remove_abandoned_stages(target: Path) -> None:

@@ -295,9 +295,13 @@ def _run(
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     history: list[dict[str, Any]] = []
     if resume_checkpoint is not None:
-        optimizer.load_state_dict(resume_checkpoint["optimizer_state"])
-        if scheduler is not None and resume_checkpoint.get("scheduler_state"):
-            scheduler.load_state_dict(resume_checkpoint["scheduler_state"])
+        try:
+            optimizer.load_state_dict(resume_checkpoint["optimizer_state"])
+            if scheduler is not None and resume_checkpoint.get("scheduler_state"):
+                scheduler.load_state_dict(resume_checkpoint["scheduler_state"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # what torch raises for a foreign state
+            raise ToolkitError(f"cannot resume: the saved optimizer or schedule does not fit this run "
+                               f"({type(exc).__name__}: {str(exc)[:120]})") from None
         history = list(resume_checkpoint["metrics"]["history"])
     start_epoch = int(resume_checkpoint["epoch"]) if resume_checkpoint is not None else 0
     class_names = get_dataset(config.dataset).class_names

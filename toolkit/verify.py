@@ -6,6 +6,7 @@ but over every test image rather than one dummy batch.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -203,6 +204,9 @@ def verify_export(
 ) -> ParityReport:
     """Compare every backend in `export_dir` with its PyTorch checkpoint; write `parity.json`."""
     export_dir = Path(export_dir)
+    for name, value in (("atol", atol), ("rtol", rtol), ("max_acc_drop", max_acc_drop)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ToolkitError(f"{name} must be a finite number >= 0, got {value}")
     if not export_dir.is_dir():
         raise ToolkitError(f"export dir not found: {export_dir}")
     manifest = read_manifest(export_dir)
