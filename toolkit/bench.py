@@ -27,6 +27,7 @@ import torch
 
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.errors import ToolkitError
+from toolkit.locate import example_label
 
 Runner = Callable[[], Any]
 Loader = Callable[[], Callable[[np.ndarray], Runner]]  # builds a backend: batch -> one-batch runner
@@ -200,11 +201,6 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
                          "speedup_vs_eager": statistics.median(ratios), "runs": len(times[name, size])})
     return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "rounds": rounds,
             "machine": machine(), "rows": rows}
-
-
-def example_label(path: Path) -> str:
-    """The label an example digit's file name ends with: `mnist-test-0000-label-7.png` -> '7'."""
-    return path.stem.rsplit("-", 1)[-1]
 
 
 def request_inputs(images: list[Path]) -> dict[str, list[Any]]:

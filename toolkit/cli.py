@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from toolkit.config import OPTIMIZERS, RECIPES, SCHEDULERS
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import Interrupted, ToolkitError
 from toolkit.locate import EXAMPLES_DIR, newest_export_dir, newest_run_checkpoint
@@ -50,17 +51,10 @@ def options(
     """Train small vision models on MNIST-like data, export them with proven parity, serve them."""
 
 
-class Optimizer(str, Enum):
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
-    adadelta = "adadelta"
-
-
-class Scheduler(str, Enum):
-    onecycle = "onecycle"
-    step = "step"
-    none = "none"
+# Choices come from the library's own tuples, so a new optimizer or recipe is one edit there.
+Optimizer = Enum("Optimizer", {name: name for name in OPTIMIZERS}, type=str)
+Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)
+RecipeName = Enum("RecipeName", {name: name for name in RECIPES}, type=str)
 
 
 class Device(str, Enum):
@@ -69,11 +63,6 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-class RecipeName(str, Enum):
-    default = "default"
-    notebook = "notebook"
 
 
 DataDirOption = Annotated[

@@ -1,5 +1,6 @@
 """What defines a training run: `TrainConfig`, built from a model's recipe (`make_config`) or
-from a run being resumed (`resume_config`)."""
+from a run being resumed (`resume_config`). Importing it is cheap (torch loads when a config is
+made or checked), so the CLI builds its choices from the tuples here."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from toolkit.checkpoint import load_checkpoint
-from toolkit.data import get_dataset
 from toolkit.errors import ToolkitError
-from toolkit.models import Recipe, get_entry
+
+if TYPE_CHECKING:
+    from toolkit.models import Recipe
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULERS = ("onecycle", "step", "none")
@@ -43,6 +44,9 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        from toolkit.data import get_dataset
+        from toolkit.models import get_entry
+
         get_entry(self.arch)
         get_dataset(self.dataset)
         for name in ("epochs", "batch_size"):
@@ -70,6 +74,9 @@ class TrainConfig:
 
 def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **overrides: Any) -> TrainConfig:
     """A config from the model's recipe, with any non-None `overrides` applied on top."""
+    from toolkit.data import get_dataset
+    from toolkit.models import get_entry
+
     if recipe not in RECIPES:
         raise ToolkitError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     entry = get_entry(arch)
@@ -110,6 +117,8 @@ def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | Non
 def load_resume_state(run_dir: str | Path) -> tuple[Path, dict[str, Any], TrainConfig]:
     """Read `last.pt` of a run to continue; the run dir or the file itself may be given."""
     path = Path(run_dir)
+    from toolkit.checkpoint import load_checkpoint
+
     last = path / "last.pt" if path.is_dir() else path
     checkpoint = load_checkpoint(last)
     if "optimizer_state" not in checkpoint or "config" not in checkpoint:

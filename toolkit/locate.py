@@ -1,5 +1,5 @@
 """Where things are: the newest run and export (when a command is given neither) and the
-example digits. No torch or gradio import: the CLI reads these before any work."""
+example digits and their labels. No torch or gradio import: the CLI reads these before any work."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # package data: in wheels too
+
+
+def example_label(path: Path) -> str:
+    """The label an example digit's file name ends with: `mnist-test-0000-label-7.png` -> '7'."""
+    return path.stem.rsplit("-", 1)[-1]
 
 def newest_run_checkpoint(runs_dir: str | Path = "runs", name: str = "best.pt") -> Path:
     """`best.pt` of the most recently modified run under `runs_dir`."""
