@@ -230,3 +230,17 @@ def test_out_dot_exports_into_the_folder_it_names_and_others_can_read_it(quick_r
     os.umask(umask)
     assert here.stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 would lock out a Triton container
     assert (here / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_every_format_of_the_table_has_a_writer_and_exports_on_its_own(quick_run, tmp_path):
+    """A format is one entry in toolkit/formats.py plus its write_<name> in export.py; each can be
+    asked for alone, and brings what it is made from."""
+    from toolkit import export
+    from toolkit.formats import ALL, FORMATS, resolve_formats
+
+    assert all(callable(getattr(export, fmt.writer, None)) for fmt in FORMATS.values())
+    assert [f.name for f in resolve_formats(("all",))] == list(ALL)
+    assert [f.name for f in resolve_formats(("triton",))] == ["onnx", "triton"]
+    out = tmp_path / "program"
+    assert run_cli("export", quick_run, "--format", "torch-export", "--out", out, "--no-verify").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt", "model.pt2"]

@@ -27,6 +27,7 @@ import torch
 
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.errors import ToolkitError
+from toolkit.formats import FORMATS
 from toolkit.locate import example_label
 
 Runner = Callable[[], Any]
@@ -128,24 +129,23 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
     def reference() -> torch.nn.Module:
         return build_deployable(load_checkpoint(export_dir / "model.pt"))
 
-    backends = {"pytorch-eager": torch_backend(reference)}
-    if (export_dir / "model.ts").is_file():
-        from toolkit.verify import load_torchscript
+    from toolkit.verify import TORCH_LOADERS
 
-        backends["torchscript"] = torch_backend(lambda: load_torchscript(export_dir / "model.ts"))
-    if (export_dir / "model.pt2").is_file():
-        backends["torch-export"] = torch_backend(lambda: torch.export.load(str(export_dir / "model.pt2")).module())
+    backends = {"pytorch-eager": torch_backend(reference)}
     cuda = cuda_provider_usable()
-    for artifact, suffix in (("model.onnx", ""), ("model.int8.onnx", "-int8"), ("model.fp16.onnx", "-fp16")):
-        path = export_dir / artifact
-        if not path.is_file():
+    for fmt in FORMATS.values():
+        path = export_dir / fmt.artifact
+        if fmt.runtime is None or not path.is_file():
             continue
-        backends[f"onnxruntime-cpu{suffix}"] = onnx_backend(path, "cpu")
-        if not suffix:
+        if fmt.runtime == "torch":
+            backends[fmt.backend_name()] = torch_backend(lambda f=fmt, p=path: TORCH_LOADERS[f.name](p))
+            continue
+        backends[fmt.backend_name("cpu")] = onnx_backend(path, "cpu")
+        if fmt.name == "onnx":  # the served model: also with IO binding, and through the Predictor
             backends["onnxruntime-cpu-iobinding"] = onnx_backend(path, "cpu", io_binding=True)
             backends["toolkit-predictor"] = predictor_backend(path)
         if cuda:
-            backends[f"onnxruntime-cuda{suffix}"] = onnx_backend(path, "cuda")
+            backends[fmt.backend_name("cuda")] = onnx_backend(path, "cuda")
     if torch.cuda.is_available():
         backends["pytorch-cuda"] = torch_backend(lambda: reference().cuda(), "cuda")
     return backends

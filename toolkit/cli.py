@@ -17,6 +17,7 @@ import typer
 from toolkit.config import OPTIMIZERS, RECIPES, SCHEDULERS
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import Interrupted, ToolkitError
+from toolkit.formats import ALL, FORMATS
 from toolkit.locate import EXAMPLES_DIR, newest_export_dir, newest_run_checkpoint
 
 if TYPE_CHECKING:
@@ -159,11 +160,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
-    all = "all"
-    triton = "triton"
+ExportFormat = Enum("ExportFormat", {name: name for name in [*FORMATS, "all"]}, type=str)
 
 
 RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]
@@ -181,7 +178,8 @@ def export(
         Path | None, typer.Argument(help="A checkpoint, or a run dir for its best.pt (default: best.pt of the "
                                     "newest run under --runs-dir).")
     ] = None,
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="What to write.")] = ExportFormat.onnx,
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", "-f", help=f"What to write: one format, or all ({', '.join(ALL)}).")] = ExportFormat.onnx,
     out: Annotated[Path | None, typer.Option(help="Export dir (default: exports/RUN_NAME).")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     quantize: Annotated[str | None, typer.Option(help="'int8': also write a static QDQ model.int8.onnx.")] = None,

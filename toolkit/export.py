@@ -31,18 +31,21 @@ from toolkit.checkpoint import (
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
+from toolkit.formats import FORMATS, Format, resolve_formats
 from toolkit.framing import Framing
 from toolkit.manifest import FORMAT as MANIFEST_FORMAT
 from toolkit.manifest import MANIFEST, PARITY, files_in
 from toolkit.manifest import VERSION as MANIFEST_VERSION
 
-FORMATS = ("onnx", "torchscript", "all", "triton")
 MIN_OPSET, MAX_OPSET = 18, 23
 CALIBRATION_IMAGES = 500
 
 
 @dataclass
 class ExportOptions:
+    """What to export: format names from `toolkit.formats.FORMATS` ('all' for its ALL), plus the
+    int8 and fp16 variants of the ONNX model as flags."""
+
     formats: tuple[str, ...] = ("onnx",)
     opset: int | None = None
     quantize: str | None = None  # "int8"
@@ -53,9 +56,7 @@ class ExportOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown:
-            raise ToolkitError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+        self.chosen_formats()
         if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ToolkitError(
                 f"unsupported --opset {self.opset}; the exporter supports {MIN_OPSET}..{MAX_OPSET}"
@@ -63,8 +64,51 @@ class ExportOptions:
         if self.quantize not in (None, "int8"):
             raise ToolkitError(f"unsupported --quantize {self.quantize!r}; only int8")
 
-    def wants(self, fmt: str) -> bool:
-        return fmt in self.formats or "all" in self.formats
+    def chosen_formats(self) -> tuple[Format, ...]:
+        variants = ("onnx-int8",) * (self.quantize == "int8") + ("onnx-fp16",) * self.fp16
+        return resolve_formats((*self.formats, *variants))
+
+
+@dataclass
+class ExportJob:
+    """What every writer needs: the model to trace, where to write, what to record."""
+
+    model: torch.nn.Module
+    out_dir: Path
+    metadata: dict[str, Any]
+    checkpoint: dict[str, Any]
+    options: ExportOptions
+    opset: int | None = None  # set by the ONNX writer
+
+
+def _path(job: ExportJob, name: str) -> Path:
+    return job.out_dir / FORMATS[name].artifact
+
+
+def write_onnx(job: ExportJob) -> None:
+    job.opset = export_onnx(job.model, _path(job, "onnx"), job.metadata, job.options.opset)
+
+
+def write_torchscript(job: ExportJob) -> None:
+    export_torchscript(job.model, _path(job, "torchscript"), job.metadata)
+
+
+def write_torch_export(job: ExportJob) -> None:
+    export_program(job.model, _path(job, "torch-export"), job.metadata)
+
+
+def write_onnx_int8(job: ExportJob) -> None:
+    quantize_int8(_path(job, "onnx"), _path(job, "onnx-int8"),
+                  calibration_images(job.checkpoint, job.options.data_dir))
+
+
+def write_onnx_fp16(job: ExportJob) -> None:
+    convert_fp16(_path(job, "onnx"), _path(job, "onnx-fp16"))
+
+
+def write_triton(job: ExportJob) -> None:
+    write_triton_repository(_path(job, "onnx"), _path(job, "triton"), job.options.triton_name,
+                            len(job.checkpoint["class_names"]))
 
 
 def model_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
@@ -224,28 +268,16 @@ def export_checkpoint(
     save_checkpoint(out_dir / "model.pt", {k: v for k, v in checkpoint.items()
                                           if k not in ("format", "format_version", "optimizer_state",
                                                        "scheduler_state")})
-    opset = None
-    if options.wants("onnx") or options.wants("triton") or options.quantize or options.fp16:
-        opset = export_onnx(model, out_dir / "model.onnx", metadata, options.opset)
-    if options.wants("torchscript"):
-        export_torchscript(model, out_dir / "model.ts", metadata)
-    if "all" in options.formats:
-        export_program(model, out_dir / "model.pt2", metadata)
-    if options.quantize == "int8":
-        quantize_int8(out_dir / "model.onnx", out_dir / "model.int8.onnx",
-                      calibration_images(checkpoint, options.data_dir))
-    if options.fp16:
-        convert_fp16(out_dir / "model.onnx", out_dir / "model.fp16.onnx")
-    if options.wants("triton"):
-        write_triton_repository(out_dir / "model.onnx", out_dir / "triton", options.triton_name,
-                                len(checkpoint["class_names"]))
+    job = ExportJob(model, out_dir, metadata, checkpoint, options)
+    for fmt in options.chosen_formats():
+        globals()[fmt.writer](job)  # write_<name>, defined above for each format of the table
     manifest = {
         "format": MANIFEST_FORMAT,
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command,
         "source_checkpoint": str(Path(checkpoint_path).resolve()),
-        "onnx_opset": opset,
+        "onnx_opset": job.opset,
         "metadata": metadata,
         "artifacts": artifact_table(out_dir),
         "parity": None,

@@ -20,6 +20,7 @@ from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
+from toolkit.formats import FORMATS
 from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, check_onnx_model, read_manifest, unlisted_files
 from toolkit.runtime import create_session, cuda_provider_usable
 
@@ -37,7 +38,7 @@ class BackendResult:
     """One backend's agreement with the PyTorch reference."""
 
     artifact: str
-    kind: str  # "fp32" (tolerance verdict) or "quantized" (accuracy-drop verdict)
+    kind: str  # "fp32" (tolerance verdict), or "int8" / "fp16" (accuracy-drop verdict)
     accuracy: float
     max_abs_diff: float
     max_rel_diff: float
@@ -145,22 +146,32 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path))
 
 
+def load_program(path: Path) -> torch.nn.Module:
+    return torch.export.load(str(path)).module()
+
+
+# How each torch format of the table loads (formats.py stays free of torch).
+TORCH_LOADERS: dict[str, Callable[[Path], Callable[[torch.Tensor], Any]]] = {
+    "torchscript": load_torchscript, "torch-export": load_program,
+}
+
+
 def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[], Runner]]]:
-    """name -> (artifact, kind, factory) for every artifact present in the export dir."""
+    """name -> (artifact, kind, factory) for every runnable format present in the export dir:
+    torch formats once, onnxruntime ones on every provider usable here."""
     found: dict[str, tuple[str, str, Callable[[], Runner]]] = {}
-    if (export_dir / "model.ts").is_file():
-        found["torchscript"] = ("model.ts", "fp32", lambda: _torch_runner(load_torchscript(export_dir / "model.ts")))
-    if (export_dir / "model.pt2").is_file():
-        found["torch-export"] = ("model.pt2", "fp32", lambda: _torch_runner(
-            torch.export.load(str(export_dir / "model.pt2")).module()))
     providers = ["cpu"] + (["cuda"] if cuda_provider_usable() else [])
-    for artifact, suffix, kind in (("model.onnx", "", "fp32"), ("model.int8.onnx", "-int8", "quantized"),
-                                   ("model.fp16.onnx", "-fp16", "quantized")):
-        if not (export_dir / artifact).is_file():
+    for fmt in FORMATS.values():
+        path = export_dir / fmt.artifact
+        if fmt.runtime is None or not path.is_file():
+            continue
+        if fmt.runtime == "torch":
+            found[fmt.backend_name()] = (fmt.artifact, fmt.kind, lambda f=fmt, p=path: _torch_runner(
+                TORCH_LOADERS[f.name](p)))
             continue
         for provider in providers:
-            found[f"onnxruntime-{provider}{suffix}"] = (
-                artifact, kind, lambda a=artifact, p=provider: _onnx_runner(export_dir / a, p))
+            found[fmt.backend_name(provider)] = (fmt.artifact, fmt.kind, lambda p=path, on=provider: _onnx_runner(
+                p, on))
     return found
 
 
