@@ -129,7 +129,7 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
     def reference() -> torch.nn.Module:
         return build_deployable(load_checkpoint(export_dir / "model.pt"))
 
-    from toolkit.verify import TORCH_LOADERS
+    from toolkit.runners import TORCH_LOADERS
 
     backends = {"pytorch-eager": torch_backend(reference)}
     cuda = cuda_provider_usable()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.fileio import files_together, write_json
 from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest
 from toolkit.plots import plot_confusion, plot_digit_grid
+from toolkit.runners import Runner, torch_runner
 
 MISTAKES_SHOWN = 32
 BATCH = 1000
@@ -23,14 +23,14 @@ BATCH = 1000
 
 @dataclass
 class ScoringModel:
-    """Something that maps [N,1,28,28] pixels in [0, 1] to logits, whatever it was loaded from."""
+    """A model to score, whatever it was loaded from, behind the one Runner protocol."""
 
     name: str  # used for the default report dir
     source: str
     backend: str
     dataset: str
     class_names: list[str]
-    logits: Callable[[np.ndarray], np.ndarray]
+    run: Runner
     integrity: str  # whether the file run was proven to be the one its export's manifest lists
 
 
@@ -46,18 +46,12 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
             raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
         name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
-                            predictor.class_names, lambda x: predictor.run(x)[0], predictor.integrity)
+                            predictor.class_names, predictor.run, predictor.integrity)
     path = checkpoint_file(path)
     integrity = _checkpoint_integrity(path, check_integrity)
     checkpoint = load_checkpoint(path)
-    model = build_deployable(checkpoint)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(batch))[0].numpy()
-
     return ScoringModel(path.resolve().parent.name, str(path), "pytorch", checkpoint["dataset"],
-                        list(checkpoint["class_names"]), run, integrity)
+                        list(checkpoint["class_names"]), torch_runner(build_deployable(checkpoint)), integrity)
 
 
 def _checkpoint_integrity(path: Path, check: bool) -> str:
@@ -107,7 +101,7 @@ def evaluate(
                            f"{len(model.class_names)}")
     test = load_split(dataset, data_dir, train=False)
     pixels = test.pixels().numpy()
-    logits = np.concatenate([model.logits(chunk) for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
+    logits = np.concatenate([model.run(chunk)[0] for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
     if not np.isfinite(logits).all():
         raise ToolkitError(f"{model.source}: the model's output is not finite (NaN or infinity): it is broken")
     labels = test.labels.numpy()

@@ -7,14 +7,12 @@ but over every test image rather than one dummy batch.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.data import load_split
@@ -22,12 +20,12 @@ from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.formats import FORMATS
 from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, check_onnx_model, read_manifest, unlisted_files
-from toolkit.runtime import create_session, cuda_provider_usable
+from toolkit.runners import TORCH_LOADERS, Runner, onnx_runner, torch_runner
+from toolkit.runtime import cuda_provider_usable
 
 DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
 EVAL_BATCH = 500
 
-Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 PARITY_VERSION = 1  # of parity.json
@@ -123,39 +121,6 @@ def edge_inputs() -> tuple[list[str], list[np.ndarray]]:
     return list(cases), [c.astype(np.float32) for c in cases.values()]
 
 
-def _torch_runner(module: Callable[[torch.Tensor], Any]) -> Runner:
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            logits, probs = module(torch.from_numpy(batch))
-        return logits.numpy(), probs.numpy()
-    return run
-
-
-def _onnx_runner(path: Path, provider: str) -> Runner:
-    session = create_session(path, provider)
-
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, probs = session.run(None, {"image": batch})
-        return np.asarray(logits, dtype=np.float32), np.asarray(probs, dtype=np.float32)
-    return run
-
-
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; see docs
-        return torch.jit.load(str(path))
-
-
-def load_program(path: Path) -> torch.nn.Module:
-    return torch.export.load(str(path)).module()
-
-
-# How each torch format of the table loads (formats.py stays free of torch).
-TORCH_LOADERS: dict[str, Callable[[Path], Callable[[torch.Tensor], Any]]] = {
-    "torchscript": load_torchscript, "torch-export": load_program,
-}
-
-
 def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[], Runner]]]:
     """name -> (artifact, kind, factory) for every runnable format present in the export dir:
     torch formats once, onnxruntime ones on every provider usable here."""
@@ -166,11 +131,11 @@ def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[]
         if fmt.runtime is None or not path.is_file():
             continue
         if fmt.runtime == "torch":
-            found[fmt.backend_name()] = (fmt.artifact, fmt.kind, lambda f=fmt, p=path: _torch_runner(
+            found[fmt.backend_name()] = (fmt.artifact, fmt.kind, lambda f=fmt, p=path: torch_runner(
                 TORCH_LOADERS[f.name](p)))
             continue
         for provider in providers:
-            found[fmt.backend_name(provider)] = (fmt.artifact, fmt.kind, lambda p=path, on=provider: _onnx_runner(
+            found[fmt.backend_name(provider)] = (fmt.artifact, fmt.kind, lambda p=path, on=provider: onnx_runner(
                 p, on))
     return found
 
@@ -230,7 +195,7 @@ def verify_export(
     n_test, num_classes = len(test), len(checkpoint["class_names"])
     batches = np.array_split(test.pixels().numpy(), -(-n_test // EVAL_BATCH)) + edge_batches
 
-    ref_logits, _, _ = _run_all(_torch_runner(reference), batches, num_classes)
+    ref_logits, _, _ = _run_all(torch_runner(reference), batches, num_classes)
     ref_acc = float((ref_logits[:n_test].argmax(1) == labels).mean())
     report = ParityReport(
         passed=True, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop, dataset=checkpoint["dataset"],
