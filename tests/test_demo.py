@@ -4,7 +4,6 @@ import base64
 import contextlib
 import itertools
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -249,8 +248,7 @@ def test_drawing_in_the_browser_shows_the_label(server, digit, strokes):
             # The page says what to draw and how the drawing is framed for this MNIST model.
             assert page.get_by_role("heading", name="Draw a digit").is_visible()
             assert page.get_by_text("scaled to 20 px and centred by its centre of mass").is_visible()
-            page.locator('#sketchpad button[aria-label="Brush"]').wait_for()
-            time.sleep(1.0)  # the demo selects the brush shortly after load
+            page.locator("body[data-brush-ready]").wait_for(state="attached")  # the demo has chosen the brush
             box = canvas.bounding_box()
             cx, cy, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"]
             for stroke in strokes:

@@ -43,9 +43,11 @@ PENDING_SKETCH_BYTES = 4 * MAX_BODY
 # is a session of its own; the demo keeps no per-session state, so few sessions are kept.
 SESSIONS = 64
 CACHE_SECONDS = 3600  # uploads and the images shown are deleted from Gradio's cache this old
-# Gradio's sketchpad opens with no tool selected; a demo should let people draw at once.
+# Gradio's sketchpad opens with no tool selected; a demo should let people draw at once. The
+# page is marked once the brush is chosen, so a browser test can wait for it.
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
-  document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 300); }"""
+  document.querySelector('#sketchpad button[aria-label="Brush"]')?.click();
+  document.body.dataset.brushReady = "1"; }, 300); }"""
 CONCURRENCY = 4
 
 Outputs = tuple[dict[str, float] | None, np.ndarray | None, str]
