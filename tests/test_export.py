@@ -244,3 +244,4 @@ def test_every_format_of_the_table_has_a_writer_and_exports_on_its_own(quick_run
     out = tmp_path / "program"
     assert run_cli("export", quick_run, "--format", "torch-export", "--out", out, "--no-verify").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt", "model.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["program"]

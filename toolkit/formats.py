@@ -47,7 +47,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("triton", "triton", "repository", None, "",
            "a Triton Inference Server model repository serving the ONNX model", requires=("onnx",)),
 )}
-ALL = ("onnx", "torchscript", "torch-export")  # what `--format all` writes
+ALL = ("onnx", "torchscript", "torch-export", "triton")  # what `--format all` writes
 
 
 def resolve_formats(names: tuple[str, ...]) -> tuple[Format, ...]:
