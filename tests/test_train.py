@@ -9,6 +9,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.errors import ToolkitError
 from toolkit.train import make_config, train
 
 
@@ -113,3 +114,11 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, trained_run
         save_checkpoint(target, {**good, "bad": lambda: None})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_library_errors_name_the_setting_and_the_cli_names_its_flag():
+    """An API caller reads the parameter's name, a command-line user the flag that sets it."""
+    with pytest.raises(ToolkitError) as caught:
+        make_config("lenet", batch_size=0)
+    assert str(caught.value) == "batch_size must be positive, got 0"
+    assert caught.value.for_command_line() == "--batch-size must be positive, got 0"

@@ -171,7 +171,7 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     if rounds < 1:
         raise ToolkitError(f"rounds must be at least 1, got {rounds}")
     if min_seconds <= 0:
-        raise ToolkitError(f"--seconds must be positive, got {min_seconds}")
+        raise ToolkitError(f"must be positive, got {min_seconds}", option="seconds")
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}
@@ -238,7 +238,7 @@ def bench_classify(export_dir: str | Path, images: list[Path], *, repeats: int =
     if not images:
         raise ToolkitError("no example images to send")
     if repeats <= 0:
-        raise ToolkitError("--repeats must be positive")
+        raise ToolkitError("must be positive", option="repeats")
     predictor = Predictor(Path(export_dir), provider="cpu", threads=threads)
     expected = [example_label(path) for path in images]
     rows = []
@@ -295,9 +295,9 @@ def bench_train(
     from toolkit.train import make_config, train
 
     if notebook_batches <= 0:
-        raise ToolkitError(f"--notebook-batches must be positive, got {notebook_batches}")
+        raise ToolkitError(f"must be positive, got {notebook_batches}", option="notebook_batches")
     if not 0 < target <= 1:
-        raise ToolkitError(f"--target is a test accuracy between 0 and 1 (0.99 for 99%), got {target}")
+        raise ToolkitError(f"is a test accuracy between 0 and 1 (0.99 for 99%), got {target}", option="target")
     config = make_config(arch, limit_train=limit_train)
     root = resolve_data_dir(data_dir)
     log("notebook loop (DataLoader + transforms, batch 64, SGD)...")
@@ -396,7 +396,7 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
     if clients <= 0 or requests <= 0:
         raise ToolkitError("--clients and --requests must be positive")
     if sample_every < 0:
-        raise ToolkitError(f"--sample-every must be 0 (off) or positive, got {sample_every}")
+        raise ToolkitError(f"must be 0 (off) or positive, got {sample_every}", option="sample_every")
     if not images:
         raise ToolkitError("no example images to send")
     payloads = [(path.read_bytes(), example_label(path)) for path in images]

@@ -601,7 +601,7 @@ def _run_app() -> None:
         ctx = getattr(exc, "ctx", None)
         _fail(f"{message} (see `{ctx.command_path if ctx else 'toolkit'} --help`)", code=2)
     except ToolkitError as exc:
-        _fail(str(exc), code=exc.exit_code)
+        _fail(exc.for_command_line(), code=exc.exit_code)
     except KeyboardInterrupt:  # before typer runs the command
         code = 130
     except Exception as exc:

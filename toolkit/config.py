@@ -51,17 +51,17 @@ class TrainConfig:
         get_dataset(self.dataset)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
-                raise ToolkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ToolkitError(f"must be positive, got {getattr(self, name)}", option=name)
         if self.batch_size > MAX_BATCH_SIZE:
-            raise ToolkitError(f"--batch-size must be at most {MAX_BATCH_SIZE:,}, got {self.batch_size}")
+            raise ToolkitError(f"must be at most {MAX_BATCH_SIZE:,}, got {self.batch_size}", option="batch_size")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ToolkitError(f"--lr must be positive and finite, got {self.lr}")
+            raise ToolkitError(f"must be positive and finite, got {self.lr}", option="lr")
         if not 0 <= self.seed <= MAX_SEED:
-            raise ToolkitError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            raise ToolkitError(f"must be between 0 and {MAX_SEED}, got {self.seed}", option="seed")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ToolkitError(f"weight decay must be a number >= 0, got {self.weight_decay}")
         if self.limit_train is not None and self.limit_train <= 0:
-            raise ToolkitError(f"--limit-train must be positive, got {self.limit_train}")
+            raise ToolkitError(f"must be positive, got {self.limit_train}", option="limit_train")
         if self.optimizer not in OPTIMIZERS:
             raise ToolkitError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
@@ -69,7 +69,7 @@ class TrainConfig:
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
             raise ToolkitError(f"normalization needs a finite mean and a positive std, got {self.mean}, {self.std}")
         if not 0 <= self.momentum < 1:
-            raise ToolkitError(f"--momentum must be in [0, 1), got {self.momentum}")
+            raise ToolkitError(f"must be in [0, 1), got {self.momentum}", option="momentum")
 
 
 def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **overrides: Any) -> TrainConfig:
@@ -106,8 +106,8 @@ def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | Non
                            f"resume it with `toolkit train {config.arch} --resume {run}`")
     given = [name for name, value in fixed.items() if value is not None]
     if given:
-        raise ToolkitError(f"--{given[0].replace('_', '-')} cannot be changed with --resume: the run continues "
-                           "with its own settings (only --epochs, --device and --data-dir apply)")
+        raise ToolkitError("cannot be changed with --resume: the run continues with its own settings (only "
+                           "--epochs, --device and --data-dir apply)", option=given[0])
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
         config.validate()

@@ -2,9 +2,24 @@
 
 
 class ToolkitError(Exception):
-    """An error the user can fix: bad path, unknown name, corrupt file, missing GPU..."""
+    """An error the user can fix: bad path, unknown name, corrupt file, missing GPU...
+
+    `option` names the setting a message is about (a parameter name such as `batch_size`): the
+    message starts with it as it is, and on the command line as its flag (`--batch-size`).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+    def __str__(self) -> str:
+        return f"{self.option} {self.args[0]}" if self.option else str(self.args[0])
+
+    def for_command_line(self) -> str:
+        """The message as the CLI prints it: the setting named by its flag."""
+        return f"--{self.option.replace('_', '-')} {self.args[0]}" if self.option else str(self)
 
 
 class Interrupted(ToolkitError):

@@ -163,7 +163,7 @@ def train(
         raise ToolkitError("train() needs a config (make_config) or a run to resume")
     else:
         if name and (Path(name).name != name or name in (".", "..")):
-            raise ToolkitError(f"--name must be a plain folder name (no '/' or '..'), got {name!r}")
+            raise ToolkitError(f"must be a plain folder name (no '/' or '..'), got {name!r}", option="name")
         run_dir = Path(runs_dir) / (name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}")
     config.validate()
     torch_device = resolve_device(device)
