@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -52,10 +52,14 @@ def options(
     """Train small vision models on MNIST-like data, export them with proven parity, serve them."""
 
 
-# Choices come from the library's own tuples, so a new optimizer or recipe is one edit there.
-Optimizer = Enum("Optimizer", {name: name for name in OPTIMIZERS}, type=str)
-Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)
-RecipeName = Enum("RecipeName", {name: name for name in RECIPES}, type=str)
+def _choices(name: str, values: Iterable[str]) -> Any:
+    """An Enum for Typer whose members are the library's own names: a new one is one edit there."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+Optimizer = _choices("Optimizer", OPTIMIZERS)
+Scheduler = _choices("Scheduler", SCHEDULERS)
+RecipeName = _choices("RecipeName", RECIPES)
 
 
 class Device(str, Enum):
@@ -160,7 +164,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-ExportFormat = Enum("ExportFormat", {name: name for name in [*FORMATS, "all"]}, type=str)
+ExportFormat = _choices("ExportFormat", [*FORMATS, "all"])
 
 
 RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]

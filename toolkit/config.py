@@ -116,9 +116,9 @@ def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | Non
 
 def load_resume_state(run_dir: str | Path) -> tuple[Path, dict[str, Any], TrainConfig]:
     """Read `last.pt` of a run to continue; the run dir or the file itself may be given."""
-    path = Path(run_dir)
     from toolkit.checkpoint import load_checkpoint
 
+    path = Path(run_dir)
     last = path / "last.pt" if path.is_dir() else path
     checkpoint = load_checkpoint(last)
     if "optimizer_state" not in checkpoint or "config" not in checkpoint:

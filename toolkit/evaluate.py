@@ -13,7 +13,7 @@ from toolkit.checkpoint import build_deployable, checkpoint_file, load_checkpoin
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import files_together, write_json
-from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest
+from toolkit.manifest import part_of_export, prove
 from toolkit.plots import plot_confusion, plot_digit_grid
 from toolkit.runners import Runner, torch_runner
 
@@ -56,15 +56,11 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
 
 def _checkpoint_integrity(path: Path, check: bool) -> str:
     """A checkpoint inside an export (beside a manifest.json) must be the one the manifest lists."""
-    if not (path.parent / MANIFEST).exists() and not (path.parent / MANIFEST).is_symlink():
+    if not part_of_export(path):
         return "a training checkpoint, not part of an export"
     if not check:
         return "not checked (--skip-integrity-check)"
-    try:
-        check_artifact(path.parent, path.name, read_manifest(path.parent))
-    except IntegrityError as exc:
-        raise IntegrityError(f"refusing to evaluate {path}: {exc}; re-export it, or pass --skip-integrity-check "
-                             "if you trust it") from None
+    prove(path, "evaluate")
     return "verified against its manifest"
 
 

@@ -23,8 +23,9 @@ def _umask() -> int:
 # mkstemp and mkdtemp make 0600 files and 0700 folders; artifacts get the permissions any new
 # file or folder of this user would get, so that another account (a Triton container, a web
 # server) can read an export.
-_FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
+_UMASK = _umask()
+_FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def _temp_file_beside(target: Path) -> Path:

@@ -93,7 +93,8 @@ def unlisted_files(export_dir: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def check_artifact(export_dir: Path, name: str, manifest: dict[str, Any]) -> None:
-    """The file `name` exists as listed: a regular file with the listed sha256."""
+    """The file `name` exists as listed: a regular file with the listed sha256, and for an ONNX
+    model, every external-data file it reads too."""
     entry = manifest["artifacts"].get(name)
     if entry is None:
         raise IntegrityError(f"{export_dir}/{MANIFEST} does not list {name}")
@@ -102,14 +103,28 @@ def check_artifact(export_dir: Path, name: str, manifest: dict[str, Any]) -> Non
         raise IntegrityError(f"{path} is listed in {MANIFEST} but is missing or not a regular file")
     if sha256_file(path) != entry["sha256"]:
         raise IntegrityError(f"{path} does not match the sha256 in {MANIFEST} (changed after export?)")
+    if name.endswith(".onnx"):
+        folder = posixpath.dirname(name)
+        for location in external_data_files(path):
+            check_artifact(export_dir, posixpath.normpath(posixpath.join(folder, location)), manifest)
 
 
-def check_onnx_model(export_dir: Path, name: str, manifest: dict[str, Any]) -> None:
-    """The ONNX model `name` and every external-data file it reads match the export's manifest."""
-    check_artifact(export_dir, name, manifest)
-    folder = posixpath.dirname(name)
-    for location in external_data_files(export_dir / name):
-        check_artifact(export_dir, posixpath.normpath(posixpath.join(folder, location)), manifest)
+def part_of_export(path: Path) -> bool:
+    """Whether `path` sits beside a manifest.json (even a broken one): then it must be proven."""
+    manifest = path.parent / MANIFEST
+    return manifest.exists() or manifest.is_symlink()
+
+
+def prove(path: Path, action: str) -> dict[str, Any]:
+    """The manifest of the export `path` belongs to, once it proves `path`; otherwise one line
+    saying what is missing and the way past the check."""
+    try:
+        manifest = read_manifest(path.parent)
+        check_artifact(path.parent, path.name, manifest)
+    except IntegrityError as exc:
+        raise IntegrityError(f"refusing to {action} {path}: {exc}; re-export it, or pass --skip-integrity-check "
+                             "if you trust it") from None
+    return manifest
 
 
 def external_data_files(model_path: Path) -> list[str]:

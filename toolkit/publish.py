@@ -121,8 +121,8 @@ def _check_replaceable(target: Path) -> None:
     if unlisted:
         raise ToolkitError(f"{target} holds files its manifest does not list ({_some(unlisted)}); refusing to "
                            "replace it, move them away or choose another --out")
-    changed = [name for name in manifest["artifacts"] if (target / name).exists() and not _as_listed(target, name,
-                                                                                                     manifest)]
+    present = [name for name in manifest["artifacts"] if (target / name).exists()]
+    changed = [name for name in present if not _as_listed(target, name, manifest)]
     if changed:
         raise ToolkitError(f"{target} holds files changed since it was exported ({_some(changed)}); refusing to "
                            "replace it, move them away or choose another --out")

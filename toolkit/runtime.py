@@ -16,7 +16,7 @@ from toolkit.classes import DIGITS
 from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
 from toolkit.errors import ToolkitError
 from toolkit.framing import Framing
-from toolkit.manifest import MANIFEST, IntegrityError, check_onnx_model, read_manifest
+from toolkit.manifest import part_of_export, prove, read_manifest
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -140,16 +140,9 @@ def prove_integrity(model: Path, path: Path) -> tuple[dict[str, Any], str]:
     An export dir, or a model beside a manifest.json, must match its manifest (the model and its
     external data); a bare .onnx file with no manifest beside it is served as unverified.
     """
-    export_dir = path.parent
-    if not model.is_dir() and not (export_dir / MANIFEST).exists() and not (export_dir / MANIFEST).is_symlink():
+    if not model.is_dir() and not part_of_export(path):
         return {}, "unverified: a bare .onnx file with no manifest"
-    try:
-        manifest = read_manifest(export_dir)
-        check_onnx_model(export_dir, path.name, manifest)
-    except IntegrityError as exc:
-        raise IntegrityError(f"refusing to serve {path}: {exc}; re-export it, or pass --skip-integrity-check "
-                             "if you trust it") from None
-    return manifest, "verified against its manifest"
+    return prove(path, "serve"), "verified against its manifest"
 
 
 def check_signature(session: Any, num_classes: int) -> None:

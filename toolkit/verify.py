@@ -19,7 +19,7 @@ from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.formats import FORMATS
-from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, check_onnx_model, read_manifest, unlisted_files
+from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest, unlisted_files
 from toolkit.runners import TORCH_LOADERS, Runner, onnx_runner, torch_runner
 from toolkit.runtime import cuda_provider_usable
 
@@ -146,10 +146,7 @@ def integrity_problems(export_dir: Path, manifest: dict[str, Any]) -> dict[str, 
     problems = {}
     for artifact in manifest["artifacts"]:
         try:
-            if artifact.endswith(".onnx"):
-                check_onnx_model(export_dir, artifact, manifest)
-            else:
-                check_artifact(export_dir, artifact, manifest)
+            check_artifact(export_dir, artifact, manifest)
         except IntegrityError as exc:
             problems[artifact] = str(exc)
     for name in unlisted_files(export_dir, manifest):
