@@ -243,6 +243,11 @@ CASES = [
     ("export {bad}/1000-names.pt --no-verify", "answers 10 classes but the checkpoint names 1000", 1),
     ("verify {export} --atol inf", "atol must be a finite number >= 0, got inf", 1),
     ("inspect {run} --out {bad}/not-an-image.png", "it is a file, not a folder", 1),
+    # Found by a second probe.
+    ("train lenet --name " + "a" * 300, "--name must be a plain folder name", 1),
+    ("bench infer {export} --seconds nan", "--seconds must be positive and finite, got nan", 1),
+    ("train lenet --epochs 1 --limit-train 200 --lr 1e30 --device cpu --runs-dir {bad}/runs-nan --name x",
+     "training diverged in epoch 1", 1),
 ]
 
 

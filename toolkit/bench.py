@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import platform
 import socket
@@ -170,8 +171,8 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     check_threads(threads)
     if rounds < 1:
         raise ToolkitError(f"rounds must be at least 1, got {rounds}")
-    if min_seconds <= 0:
-        raise ToolkitError(f"must be positive, got {min_seconds}", option="seconds")
+    if not (math.isfinite(min_seconds) and min_seconds > 0):
+        raise ToolkitError(f"must be positive and finite, got {min_seconds}", option="seconds")
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}

@@ -90,6 +90,7 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise ToolkitError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     try:
         yield stage
+        _check_replaceable(target)  # again: a person may have added a file while the export ran
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.replace(target, backup)

@@ -162,8 +162,10 @@ def train(
     elif config is None:
         raise ToolkitError("train() needs a config (make_config) or a run to resume")
     else:
-        if name and (Path(name).name != name or name in (".", "..")):
-            raise ToolkitError(f"must be a plain folder name (no '/' or '..'), got {name!r}", option="name")
+        if name and (Path(name).name != name or name in (".", "..") or not name.isprintable()
+                     or len(name.encode()) > MAX_NAME_BYTES):
+            raise ToolkitError(f"must be a plain folder name (no '/' or '..', printable, at most {MAX_NAME_BYTES} "
+                               f"bytes), got {name[:80]!r}", option="name")
         run_dir = Path(runs_dir) / (name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}")
     config.validate()
     torch_device = resolve_device(device)
@@ -208,6 +210,7 @@ def _continued(saved: TrainConfig, config: TrainConfig | None) -> TrainConfig:
     return config
 
 
+MAX_NAME_BYTES = 255  # what a folder name may take on common file systems
 RUN_FILES = ("config.json", "best.pt", "last.pt", "metrics.json", "curves.png")
 
 
@@ -321,8 +324,9 @@ def _run(
         stats = EpochStats(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen, test_loss=test_loss,
                            test_acc=test_acc, seconds=time.perf_counter() - started,
                            lr=optimizer.param_groups[0]["lr"])
-        if not math.isfinite(stats.train_loss):
-            raise ToolkitError(f"training diverged in epoch {epoch} (the loss became {stats.train_loss}); "
+        diverged = [loss for loss in (stats.train_loss, stats.test_loss) if not math.isfinite(loss)]
+        if diverged:
+            raise ToolkitError(f"training diverged in epoch {epoch} (the loss became {diverged[0]}); "
                                "try a lower learning rate")
         history.append(dataclasses.asdict(stats))
         if not ddp.is_main:
