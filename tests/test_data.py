@@ -36,8 +36,9 @@ def test_a_debian_dataset_package_is_found_without_a_data_dir(tmp_path):
 
 
 def test_missing_data_offline_names_the_folder_and_the_fix(tmp_path):
-    with pytest.raises(ToolkitError, match=f"{tmp_path}.*--data-dir"):
+    with pytest.raises(ToolkitError, match=f"{tmp_path}.*`data_dir`") as raised:
         load_split("mnist", tmp_path, train=False, download=False)
+    assert "point --data-dir or $TOOLKIT_DATA_DIR at" in raised.value.for_command_line()
 
 
 def test_truncated_idx_file_is_a_clear_error(tmp_path, mnist_dir):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.conftest import REPO
 from toolkit.app import MAX_BODY, launch
-from toolkit.bench import free_port
+from toolkit.launch import free_port
 from toolkit.locate import EXAMPLES_DIR, example_label
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))

@@ -22,11 +22,11 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_manifest
-from toolkit.bench import free_port
 from toolkit.checkpoint import load_checkpoint
 from toolkit.cli import _caused_by_ctrl_c
 from toolkit.decode import ImageReadError, load_image
 from toolkit.errors import ToolkitError
+from toolkit.launch import free_port
 from toolkit.locate import EXAMPLES_DIR
 from toolkit.preprocess import preprocess
 
@@ -53,10 +53,14 @@ INTERRUPTED = (130, -signal.SIGINT)
 
 
 def _wait_for(path, process, timeout=120):
+    _wait_for_glob(path.parent, path.name, process, timeout)
+
+
+def _wait_for_glob(folder, pattern, process, timeout=120):
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not any(folder.glob(pattern)):
         assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, f"{path} never appeared"
+        assert time.monotonic() < deadline, f"nothing matched {pattern} in {folder}"
         time.sleep(0.05)
 
 
@@ -118,7 +122,7 @@ def test_a_killed_export_keeps_the_previous_export(export_dir, trained_run, tmp_
     before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
     process = _start("export", trained_run / "best.pt", "--format", "all", "--quantize", "int8",
                      "--out", target, "--data-dir", mnist_dir)
-    time.sleep(random.Random(3).uniform(4.0, 9.0))
+    _wait_for_glob(target.parent, ".lenet.staging-*/model.onnx", process)  # mid-export, before the swap
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before

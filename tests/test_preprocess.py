@@ -256,7 +256,7 @@ def test_specks_away_from_the_subject_are_left_out(predictor, mnist_dir):
             if not (100 < x < 380 and 100 < y < 380):
                 specks.append((x, y, rng.integers(1, 7)))
         seen = preprocess(_page(digit, specks))
-        # Left out entirely: a 3 px dot in a corner used to shrink the digit (77% of such pages right).
+        # Left out entirely: a dot in a corner must not shrink the digit.
         assert np.array_equal(seen, preprocess(_page(digit))), (i, specks)
         right += predictor.predict(seen).labels[0] == str(int(test.labels[i]))
     assert right >= 95

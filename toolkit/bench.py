@@ -12,13 +12,10 @@ import itertools
 import math
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ import torch
 from toolkit.checkpoint import build_deployable, load_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.formats import FORMATS
+from toolkit.launch import free_port, rss_mb, toolkit_server
 from toolkit.locate import example_label
 
 Runner = Callable[[], Any]
@@ -327,45 +325,6 @@ def bench_train(
     }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rss_mb(pid: int) -> float | None:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-@contextlib.contextmanager
-def demo_server(export_dir: Path, port: int, timeout: float = 120) -> Iterator[subprocess.Popen]:
-    """`toolkit demo` in a subprocess, ready to take requests."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "demo", str(export_dir), "--port", str(port), "--provider", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise ToolkitError(f"the demo server did not start on port {port}")
-            time.sleep(0.5)
-        yield process
-    finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        if process.poll() is None:
-            process.kill()
-
-
 MALFORMED = b"\x89PNG\r\n\x1a\n this is not an image"
 
 
@@ -395,13 +354,14 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
     import httpx
 
     if clients <= 0 or requests <= 0:
-        raise ToolkitError("--clients and --requests must be positive")
+        raise ToolkitError("`clients` and `requests` must be positive")
     if sample_every < 0:
         raise ToolkitError(f"must be 0 (off) or positive, got {sample_every}", option="sample_every")
     if not images:
         raise ToolkitError("no example images to send")
     payloads = [(path.read_bytes(), example_label(path)) for path in images]
     port = free_port()
+    url = f"http://127.0.0.1:{port}/"
     api = f"http://127.0.0.1:{port}/gradio_api"
     local = threading.local()
     finished = itertools.count(1)  # next() on a count is atomic: one number per finished request
@@ -431,9 +391,10 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         found = re.search(r"in ([\d.]+) ms", stream)
         return elapsed, float(found.group(1)) if found else None, None
 
-    with demo_server(Path(export_dir), port) as server:
+    demo = ["demo", str(export_dir), "--port", str(port), "--provider", "cpu"]
+    with toolkit_server(demo, ready_url=url) as server:
         call(0)  # warm-up
-        memory_before = _rss_mb(server.pid)
+        memory_before = rss_mb(server.pid)
         log(f"{clients} clients, {requests} requests against http://127.0.0.1:{port}/")
         started = time.perf_counter()
         samples.append({"requests": 0, "seconds": 0.0, "rss_mb": memory_before or 0.0})
@@ -441,14 +402,14 @@ def bench_serve(export_dir: str | Path, images: list[Path], *, clients: int = 16
         def sampled_call(index: int) -> tuple[float, float | None, str | None]:
             outcome = call(index)
             count = next(finished)
-            if sample_every and count % sample_every == 0 and (rss := _rss_mb(server.pid)) is not None:
+            if sample_every and count % sample_every == 0 and (rss := rss_mb(server.pid)) is not None:
                 samples.append({"requests": count, "seconds": time.perf_counter() - started, "rss_mb": rss})
             return outcome
 
         with ThreadPoolExecutor(max_workers=clients) as executor:
             outcomes = list(executor.map(sampled_call, range(requests)))
         wall = time.perf_counter() - started
-        memory_after = _rss_mb(server.pid)
+        memory_after = rss_mb(server.pid)
     latencies = [o[0] for o in outcomes if o[2] is None and o[1] is not None]
     server_ms = [o[1] for o in outcomes if o[1] is not None]
     errors = [o[2] for o in outcomes if o[2] is not None]

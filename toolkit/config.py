@@ -91,7 +91,8 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **ov
     )
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if overrides.get("momentum") is not None and config.optimizer != "sgd":
-        raise ToolkitError(f"--momentum applies to --optimizer sgd only, this run uses {config.optimizer}")
+        raise ToolkitError(f"applies to `optimizer` sgd only, this run uses {config.optimizer}",
+                           option="momentum")
     config.validate()
     return config
 
@@ -106,8 +107,8 @@ def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | Non
                            f"resume it with `toolkit train {config.arch} --resume {run}`")
     given = [name for name, value in fixed.items() if value is not None]
     if given:
-        raise ToolkitError("cannot be changed with --resume: the run continues with its own settings (only "
-                           "--epochs, --device and --data-dir apply)", option=given[0])
+        raise ToolkitError("cannot be changed with `resume`: the run continues with its own settings (only "
+                           "`epochs`, `device` and `data_dir` apply)", option=given[0])
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
         config.validate()

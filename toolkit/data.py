@@ -174,7 +174,7 @@ def load_split(
     if image_path is None or label_path is None:
         offline = not download or os.environ.get(OFFLINE_ENV, "") not in ("", "0")
         hint = (
-            f"point --data-dir or ${DATA_DIR_ENV} at a folder holding {image_name} and "
+            f"point `data_dir` or ${DATA_DIR_ENV} at a folder holding {image_name} and "
             f"{label_name} (torchvision layout {spec.folder}/raw/ or a plain folder of IDX files)"
         )
         searched = " or ".join(str(where) for where in (root.resolve(), *_system_roots(spec)))

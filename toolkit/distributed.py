@@ -15,7 +15,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError("--device cuda was asked for but no CUDA GPU is usable here; use --device cpu")
+        raise ToolkitError("cuda was asked for but no CUDA GPU is usable here; use `device` cpu", option="device")
     if device not in ("cpu", "cuda"):
         raise ToolkitError(f"unknown device {device!r}; choose from auto, cpu, cuda")
     return torch.device(device)

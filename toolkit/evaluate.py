@@ -59,7 +59,7 @@ def _checkpoint_integrity(path: Path, check: bool) -> str:
     if not part_of_export(path):
         return "a training checkpoint, not part of an export"
     if not check:
-        return "not checked (--skip-integrity-check)"
+        return "not checked (skipped on request)"
     prove(path, "evaluate")
     return "verified against its manifest"
 

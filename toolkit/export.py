@@ -59,10 +59,10 @@ class ExportOptions:
         self.chosen_formats()
         if self.opset is not None and not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ToolkitError(
-                f"unsupported --opset {self.opset}; the exporter supports {MIN_OPSET}..{MAX_OPSET}"
+                f"unsupported `opset` {self.opset}; the exporter supports {MIN_OPSET}..{MAX_OPSET}"
             )
         if self.quantize not in (None, "int8"):
-            raise ToolkitError(f"unsupported --quantize {self.quantize!r}; only int8")
+            raise ToolkitError(f"unsupported `quantize` {self.quantize!r}; only int8")
 
     def chosen_formats(self) -> tuple[Format, ...]:
         variants = ("onnx-int8",) * (self.quantize == "int8") + ("onnx-fp16",) * self.fp16

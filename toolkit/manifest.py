@@ -122,7 +122,7 @@ def prove(path: Path, action: str) -> dict[str, Any]:
         manifest = read_manifest(path.parent)
         check_artifact(path.parent, path.name, manifest)
     except IntegrityError as exc:
-        raise IntegrityError(f"refusing to {action} {path}: {exc}; re-export it, or pass --skip-integrity-check "
+        raise IntegrityError(f"refusing to {action} {path}: {exc}; re-export it, or pass `skip_integrity_check` "
                              "if you trust it") from None
     return manifest
 

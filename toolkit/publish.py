@@ -110,23 +110,23 @@ def _check_replaceable(target: Path) -> None:
     if not target.exists():
         return
     if not target.is_dir():
-        raise ToolkitError(f"{target} exists and is not a folder; choose another --out")
+        raise ToolkitError(f"{target} exists and is not a folder; choose another `out`")
     if not any(target.iterdir()):
         return
     try:
         manifest = read_manifest(target)
     except ToolkitError as exc:
         raise ToolkitError(f"{target} is a folder but not a toolkit export ({exc}); refusing to replace it, "
-                           "choose a new or empty --out") from None
+                           "choose a new or empty `out`") from None
     unlisted = unlisted_files(target, manifest)
     if unlisted:
         raise ToolkitError(f"{target} holds files its manifest does not list ({_some(unlisted)}); refusing to "
-                           "replace it, move them away or choose another --out")
+                           "replace it, move them away or choose another `out`")
     present = [name for name in manifest["artifacts"] if (target / name).exists()]
     changed = [name for name in present if not _as_listed(target, name, manifest)]
     if changed:
         raise ToolkitError(f"{target} holds files changed since it was exported ({_some(changed)}); refusing to "
-                           "replace it, move them away or choose another --out")
+                           "replace it, move them away or choose another `out`")
 
 
 def _as_listed(export_dir: Path, name: str, manifest: dict[str, Any]) -> bool:

@@ -81,14 +81,14 @@ def create_session(path: str | Path, provider: str = "auto", threads: int | None
     options.inter_op_num_threads = 1
     wants_cuda = provider != "cpu" and cuda_provider_usable()
     if provider == "cuda" and not wants_cuda:
-        raise ToolkitError("--provider cuda was asked for but CUDA is not usable here; use --provider cpu")
+        raise ToolkitError("cuda was asked for but CUDA is not usable here; use `provider` cpu", option="provider")
     providers = [_ORT_NAMES["cuda"], _ORT_NAMES["cpu"]] if wants_cuda else [_ORT_NAMES["cpu"]]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
         raise ToolkitError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
-        raise ToolkitError("--provider cuda was asked for but onnxruntime fell back to CPU")
+        raise ToolkitError("cuda was asked for but onnxruntime fell back to CPU", option="provider")
     return session
 
 
@@ -209,7 +209,7 @@ class Predictor:
         if check_integrity:
             self.manifest, self.integrity = prove_integrity(Path(model), self.path)
         else:
-            self.manifest, self.integrity = self._manifest_if_readable(), "not checked (--skip-integrity-check)"
+            self.manifest, self.integrity = self._manifest_if_readable(), "not checked (skipped on request)"
         check_onnx_file(self.path)
         self.session = create_session(self.path, provider, threads)
         self.provider = session_provider(self.session)

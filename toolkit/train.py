@@ -205,7 +205,7 @@ def _continued(saved: TrainConfig, config: TrainConfig | None) -> TrainConfig:
     if config.epochs != saved.epochs and saved.scheduler == "onecycle":
         raise ToolkitError(
             f"this run's OneCycle schedule was fixed for {saved.epochs} epochs; "
-            f"resume without --epochs or train a new run"
+            f"resume without `epochs` or train a new run"
         )
     return config
 
@@ -218,7 +218,7 @@ def _claim_run_dir(run_dir: Path, config: TrainConfig) -> bool:
     """Make `run_dir` this run's alone before any work, by creating its config.json exclusively:
     of two runs started with the same name, one gets it and the other is refused. Returns whether
     the folder was made here (rather than found empty)."""
-    taken = ToolkitError(f"run dir {run_dir} already exists; pass another --name or --resume {run_dir}")
+    taken = ToolkitError(f"run dir {run_dir} already exists; pass another `name` or `resume` {run_dir}")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise taken
     made = not run_dir.exists()

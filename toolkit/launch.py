@@ -1,0 +1,66 @@
+"""Toolkit servers (`demo`, `serve`) in a subprocess: a free port, start, wait until ready, stop.
+
+Benchmarks and tests measure a server the way a user runs it, in its own process, and need it
+to be ready before the first request, not merely started."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from toolkit.errors import ToolkitError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float | None:
+    """The resident memory of process `pid` in MB; None where /proc cannot tell."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+@contextlib.contextmanager
+def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120,
+                   quiet: bool = True) -> Iterator[subprocess.Popen]:
+    """`toolkit ARGS` in a subprocess, yielded once `ready_url` answers 200; stopped with
+    SIGTERM (then killed) on exit. An early exit or a timeout is one ToolkitError."""
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(ready_url):
+            if process.poll() is not None:
+                raise ToolkitError(f"`toolkit {args[0]}` exited with {process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise ToolkitError(f"`toolkit {args[0]}` was not ready at {ready_url} after {timeout:.0f} s")
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
