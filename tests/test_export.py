@@ -17,7 +17,7 @@ from toolkit.publish import export_verified
 from toolkit.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
 
 ARTIFACTS = ("model.onnx", "model.ts", "model.pt2", "model.int8.onnx", "model.fp16.onnx", "model.pt",
-             "triton/toolkit_model/config.pbtxt", "triton/toolkit_model/1/model.onnx")
+             "triton/lenet/config.pbtxt", "triton/lenet/labels.txt", "triton/lenet/1/model.onnx")
 
 
 def _snapshot(directory):
@@ -97,11 +97,28 @@ def test_predictor_runs_big_batches_in_chunks_with_the_same_results(export_dir, 
     assert (logits.argmax(1) == whole_logits.argmax(1)).all()
 
 
-def test_triton_repository_layout(export_dir):
-    config = (export_dir / "triton" / "toolkit_model" / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in config
-    assert "dims: [ 1, 28, 28 ]" in config and "dims: [ 10 ]" in config
-    assert "dynamic_batching" in config and "max_batch_size" in config
+def test_the_triton_repository_is_a_valid_model_config_matching_the_onnx_model(quick_export):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    model_dir = quick_export / "triton" / "lenet"  # named like the export, as `toolkit serve` names it
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "lenet" and config.platform == "onnxruntime_onnx" and config.max_batch_size >= 64
+    graph = onnx.load(str(model_dir / "1" / "model.onnx")).graph
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (quick_export / "model.onnx").read_bytes()
+
+    def signature(values):  # Triton leaves the batch axis out of dims
+        return [(v.name, v.type.tensor_type.elem_type, [d.dim_value for d in v.type.tensor_type.shape.dim[1:]])
+                for v in values]
+
+    fp32 = {model_config_pb2.TYPE_FP32: onnx.TensorProto.FLOAT}
+    assert [(i.name, fp32[i.data_type], list(i.dims)) for i in config.input] == signature(graph.input)
+    assert [(o.name, fp32[o.data_type], list(o.dims)) for o in config.output] == signature(graph.output)
+    labels = (model_dir / config.output[1].label_filename).read_text().splitlines()
+    metadata = {p.key: p.value for p in onnx.load(str(quick_export / "model.onnx")).metadata_props}
+    assert config.output[1].name == "probabilities" and labels == json.loads(metadata["class_names"])
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
 
 
 def test_a_perturbed_onnx_weight_fails_verification_by_name(export_dir, tmp_path):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 from toolkit.config import OPTIMIZERS, RECIPES, SCHEDULERS
 from toolkit.console import console, epoch_progress, err_console
 from toolkit.errors import Interrupted, ToolkitError
@@ -331,6 +332,48 @@ def demo(
     console.print(f"starting the demo for {export_dir} on http://{host}:{port} ...")
     launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads,
            check_integrity=not skip_integrity_check)
+
+
+@app.command()
+def serve(
+    export_dir: ExportDirArgument = None,
+    name: Annotated[str | None, typer.Option(
+        help="Model name in the protocol's URLs (default: the export folder's name).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port (REST).")] = 8080,
+    grpc_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Also serve the protocol over gRPC on this port (default: off).")] = None,
+    provider: ProviderOption = Device.auto,
+    threads: ThreadsOption = None,
+    max_batch_size: Annotated[int, typer.Option(
+        help="Most images merged into one model run; 1 turns dynamic batching off.")] = DEFAULT_MAX_BATCH_SIZE,
+    max_batch_delay_ms: Annotated[float, typer.Option(
+        help="Longest a request waits for others to share its run.")] = DEFAULT_MAX_DELAY_MS,
+    skip_integrity_check: IntegrityOption = False,
+    log_requests: Annotated[bool, typer.Option(help="Log one line per request with its latency.")] = False,
+) -> None:
+    """Serve an export on the Open Inference Protocol v2 (KServe's model server): NAME takes
+    tensors, NAME-image takes encoded images; metrics at /metrics.
+
+    Example: toolkit serve exports/lenet --port 8080
+    """
+    import logging
+
+    from toolkit.server import ServeOptions
+    from toolkit.server import serve as serve_export
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("toolkit.serve").setLevel(logging.DEBUG if log_requests else logging.INFO)
+    options = ServeOptions(name=name, host=host, port=port, grpc_port=grpc_port, provider=provider.value,
+                           threads=threads, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                           check_integrity=not skip_integrity_check)
+
+    def ready(url: str, models: list[str]) -> None:
+        grpc = f", gRPC on {host}:{grpc_port}" if grpc_port else ""
+        console.print(f"serving {' and '.join(models)} on {url}/v2/models/{models[0]}{grpc} "
+                      f"(Open Inference Protocol v2; metrics at {url}/metrics)", highlight=False)
+
+    serve_export(export_dir or newest_export_dir(), options, on_ready=ready)
 
 
 @app.command()

@@ -1,7 +1,17 @@
-"""The serving contract every exported model keeps, shared by the exporter and the runtime
-(no torch import): `image` [N, 1, 28, 28] float32 pixels in [0, 1] in, `logits` and
-`probabilities` [N, classes] float32 out."""
+"""The serving contract every exported model keeps, shared by the exporter, the runtime and the
+server (no torch import): `image` [N, 1, 28, 28] float32 pixels in [0, 1] in, `logits` and
+`probabilities` [N, classes] float32 out, under one model name."""
+
+import re
+from pathlib import Path
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probabilities")
 IMAGE_SHAPE = (1, 28, 28)
+
+
+def serving_name(export_dir: str | Path) -> str:
+    """The name an export is served under (`toolkit serve`, its Triton repository): the export
+    folder's name, with anything a URL path or a Triton model folder cannot hold made `_`."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(export_dir).resolve().name).strip(".")
+    return name or "model"

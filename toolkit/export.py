@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from toolkit import library_versions
+from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 from toolkit.checkpoint import (
     build_deployable,
     checkpoint_file,
     load_checkpoint,
     save_checkpoint,
 )
-from toolkit.contract import INPUT_NAME, OUTPUT_NAMES
+from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES, serving_name
 from toolkit.errors import ToolkitError
 from toolkit.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
 from toolkit.formats import FORMATS, Format, resolve_formats
@@ -39,6 +40,8 @@ from toolkit.manifest import VERSION as MANIFEST_VERSION
 
 MIN_OPSET, MAX_OPSET = 18, 23
 CALIBRATION_IMAGES = 500
+TRITON_MAX_BATCH_SIZE = 1024  # the most images one request to Triton may carry
+TRITON_LABELS = "labels.txt"
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ExportOptions:
     quantize: str | None = None  # "int8"
     fp16: bool = False
     data_dir: str | Path | None = None
-    triton_name: str = "toolkit_model"
+    triton_name: str | None = None  # the export folder's serving name
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,8 +110,8 @@ def write_onnx_fp16(job: ExportJob) -> None:
 
 
 def write_triton(job: ExportJob) -> None:
-    write_triton_repository(_path(job, "onnx"), _path(job, "triton"), job.options.triton_name,
-                            len(job.checkpoint["class_names"]))
+    write_triton_repository(_path(job, "onnx"), _path(job, "triton"),
+                            job.options.triton_name or serving_name(job.out_dir), job.checkpoint["class_names"])
 
 
 def model_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
@@ -219,22 +222,31 @@ def convert_fp16(fp32_path: Path, path: Path) -> None:
         onnx.save_model(half, str(tmp))
 
 
-def write_triton_repository(onnx_path: Path, repo: Path, name: str, num_classes: int) -> None:
-    """A Triton Inference Server model repository serving the ONNX model."""
+def write_triton_repository(onnx_path: Path, repo: Path, name: str, class_names: list[str]) -> None:
+    """A Triton Inference Server model repository serving the ONNX model under the contract's
+    names, batched as `toolkit serve` batches, with the class names as the probabilities'
+    label file (Triton's classification extension)."""
+    classes = len(class_names)
+    delay_us = round(DEFAULT_MAX_DELAY_MS * 1000)
     config = f"""name: "{name}"
 platform: "onnxruntime_onnx"
-max_batch_size: 1024
+max_batch_size: {TRITON_MAX_BATCH_SIZE}
 input [
-  {{ name: "{INPUT_NAME}", data_type: TYPE_FP32, dims: [ 1, 28, 28 ] }}
+  {{ name: "{INPUT_NAME}", data_type: TYPE_FP32, dims: [ {", ".join(map(str, IMAGE_SHAPE))} ] }}
 ]
 output [
-  {{ name: "logits", data_type: TYPE_FP32, dims: [ {num_classes} ] }},
-  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {num_classes} ] }}
+  {{ name: "{OUTPUT_NAMES[0]}", data_type: TYPE_FP32, dims: [ {classes} ] }},
+  {{ name: "{OUTPUT_NAMES[1]}", data_type: TYPE_FP32, dims: [ {classes} ], label_filename: "{TRITON_LABELS}" }}
 ]
-dynamic_batching {{ }}
+instance_group [ {{ count: 1, kind: KIND_AUTO }} ]
+dynamic_batching {{
+  preferred_batch_size: [ {DEFAULT_MAX_BATCH_SIZE} ]
+  max_queue_delay_microseconds: {delay_us}
+}}
 """
     (repo / name / "1").mkdir(parents=True, exist_ok=True)
     write_atomic(repo / name / "config.pbtxt", lambda tmp: tmp.write_text(config))
+    write_atomic(repo / name / TRITON_LABELS, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in class_names)))
     shutil.copyfile(onnx_path, repo / name / "1" / "model.onnx")
 
 

@@ -43,7 +43,7 @@ def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120,
     process = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=output, stderr=output)
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(ready_url):
+        while not answers_200(ready_url):
             if process.poll() is not None:
                 raise ToolkitError(f"`toolkit {args[0]}` exited with {process.returncode} before it was ready")
             if time.monotonic() > deadline:
@@ -59,7 +59,8 @@ def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120,
             process.wait()
 
 
-def _answers(url: str) -> bool:
+def answers_200(url: str) -> bool:
+    """Whether a GET of `url` answers 200 now."""
     try:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:

@@ -5,6 +5,7 @@ toolkit export (or an empty folder) is ever replaced."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from toolkit.contract import serving_name
 from toolkit.errors import ToolkitError
 from toolkit.export import ExportOptions, export_checkpoint
 from toolkit.fileio import DIR_MODE, write_json
@@ -54,6 +56,8 @@ def export_verified(
     `progress(backend)` names the backend being checked.
     """
     options.validate()
+    # Named after `out`, not the staging dir it is written in.
+    options = dataclasses.replace(options, triton_name=options.triton_name or serving_name(out))
     with staged_directory(out) as stage:
         manifest = export_checkpoint(checkpoint, stage, options)
         if on_exported is not None:

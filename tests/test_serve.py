@@ -1,0 +1,275 @@
+"""`toolkit serve` as a user runs it: a real server subprocess, `tritonclient` as the client for
+the tensor model, plain HTTP for the image model and for requests no client would send."""
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import run_cli
+from toolkit.inference import classify
+from toolkit.launch import answers_200, free_port, toolkit_server
+from toolkit.locate import EXAMPLES_DIR
+from toolkit.runtime import Predictor
+
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def served(quick_export):
+    port, grpc_port = free_port(), free_port()
+    args = ["serve", str(quick_export), "--port", str(port), "--grpc-port", str(grpc_port), "--provider", "cpu"]
+    with toolkit_server(args, ready_url=f"http://127.0.0.1:{port}/v2/health/ready") as process:
+        yield {"url": f"http://127.0.0.1:{port}", "host": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}",
+               "pid": process.pid}
+
+
+@pytest.fixture(scope="module")
+def local(quick_export):
+    return Predictor(quick_export, provider="cpu")
+
+
+def _images(count, seed=0):
+    return np.random.default_rng(seed).random((count, 1, 28, 28), dtype=np.float32)
+
+
+def _infer(host, images, *, binary):
+    client = httpclient.InferenceServerClient(host)
+    tensor = httpclient.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "probabilities")]
+    result = client.infer("lenet", [tensor], outputs=outputs)
+    return result.as_numpy("logits"), result.as_numpy("probabilities")
+
+
+def _metrics(url):
+    """Every sample on /metrics, keyed by (name, sorted labels)."""
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in families for sample in family.samples}
+
+
+def test_health_metadata_and_the_exported_contract(served, local):
+    assert httpclient.InferenceServerClient(served["host"]).is_server_ready()
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/lenet/ready", "/v2/models/lenet-image/ready"):
+        assert httpx.get(served["url"] + path).status_code == 200, path
+    metadata = httpx.get(f"{served['url']}/v2/models/lenet").json()
+    assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
+        ("logits", "FP32", [-1, 10]), ("probabilities", "FP32", [-1, 10])]
+    parameters = metadata["parameters"]
+    assert parameters["class_names"] == local.class_names and parameters["dataset"] == "mnist"
+    assert parameters["checkpoint_sha256"] == local.metadata["source_checkpoint_sha256"]
+    assert parameters["integrity"].startswith("verified") and parameters["provider"] == "cpu"
+    assert parameters["normalization_in_graph"] == local.metadata["normalization_baked_in"]
+    assert httpx.get(f"{served['url']}/v2/models/nothing").status_code == 404
+
+
+def test_the_server_listens_on_loopback_only_by_default(served):
+    process = psutil.Process(served["pid"])
+    connections = getattr(process, "net_connections", None) or process.connections  # psutil 6 renamed it
+    listening = [c.laddr for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip in ("127.0.0.1", "::ffff:127.0.0.1") for address in listening), listening
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tensor_answers_match_onnxruntime_in_process(served, local, binary):
+    images = _images(7, seed=int(binary))
+    logits, probabilities = _infer(served["host"], images, binary=binary)
+    want_logits, want_probabilities = local.run(images)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, want_probabilities, atol=1e-6)
+
+
+def test_grpc_answers_as_rest_does(served, local):
+    images = _images(3, seed=5)
+    client = grpcclient.InferenceServerClient(served["grpc"])
+    tensor = grpcclient.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    result = client.infer("lenet", [tensor])
+    np.testing.assert_allclose(result.as_numpy("logits"), local.run(images)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_request_without_an_id_is_answered_and_an_id_is_echoed(served):
+    body = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    anonymous = httpx.post(f"{served['url']}/v2/models/lenet/infer", json=body)
+    assert anonymous.status_code == 200 and anonymous.json()["id"]
+    named = httpx.post(f"{served['url']}/v2/models/lenet/infer", json={"id": "req-42", **body})
+    assert named.status_code == 200 and named.json()["id"] == "req-42"
+
+
+def test_two_hundred_concurrent_requests_each_get_their_own_answer(served, local):
+    requests = [_images(1 + i % 3, seed=100 + i) for i in range(200)]
+    before = _metrics(served["url"])
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda images: _infer(served["host"], images, binary=True), requests))
+    for images, (logits, _) in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(logits, local.run(images)[0], atol=1e-5, rtol=1e-5)
+    after = _metrics(served["url"])
+    runs = after[("toolkit_batch_requests_count", ())] - before[("toolkit_batch_requests_count", ())]
+    merged = after[("toolkit_batch_requests_sum", ())] - before[("toolkit_batch_requests_sum", ())]
+    assert merged == 200 and runs < 200  # some requests shared a run
+
+
+def test_image_requests_answer_as_toolkit_predict_does(served, local):
+    buffer = io.BytesIO()
+    Image.new("L", (60, 60), 255).save(buffer, "PNG")  # a page with nothing drawn on it
+    files = [*(path.read_bytes() for path in EXAMPLES[:6]), buffer.getvalue()]
+    body = {"inputs": [{"name": "image", "shape": [len(files)], "datatype": "BYTES",
+                        "data": [base64.b64encode(f).decode() for f in files]}]}
+    response = httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    expected = [classify(local, path) for path in EXAMPLES[:6]]
+    assert outputs["label"]["data"] == [e.label for e in expected] + [""]  # nothing drawn: no label
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(len(files), 10)
+    np.testing.assert_allclose(probabilities[:6].max(axis=1), [e.probability for e in expected], atol=1e-6)
+    assert not probabilities[6].any()
+
+
+def test_image_requests_in_the_binary_extension(served):
+    client = httpclient.InferenceServerClient(served["host"])
+    tensor = httpclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([base64.b64encode(p.read_bytes()) for p in EXAMPLES[:2]], dtype=object))
+    labels = client.infer("lenet-image", [tensor]).as_numpy("label")
+    assert [label.decode() for label in labels] == [p.stem.rsplit("-", 1)[1] for p in EXAMPLES[:2]]
+
+
+def _tensor(**change):
+    tensor = {"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}
+    return {"inputs": [{**tensor, **change}]}
+
+
+def _binary(header, payload, length=None):
+    header = json.dumps(header).encode()
+    return header + payload, {"Inference-Header-Content-Length": str(len(header) if length is None else length)}
+
+
+_GOOD_HEADER = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                            "parameters": {"binary_data_size": 3136}}]}
+MALFORMED = {
+    "not json": (b"{this is not json", {"Content-Type": "application/json"}),
+    "truncated json": (json.dumps(_tensor()).encode()[:500], {"Content-Type": "application/json"}),
+    "no inputs": (json.dumps({"inputs": []}).encode(), {}),
+    "wrong input name": (json.dumps(_tensor(name="pixels")).encode(), {}),
+    "extra input": (json.dumps({"inputs": _tensor()["inputs"] * 2}).encode(), {}),
+    "wrong datatype": (json.dumps(_tensor(datatype="INT64", data=[0] * 784)).encode(), {}),
+    "unknown datatype": (json.dumps(_tensor(datatype="FOO")).encode(), {}),
+    "wrong shape": (json.dumps(_tensor(shape=[1, 28, 28])).encode(), {}),
+    "data does not fit shape": (json.dumps(_tensor(data=[0.5] * 700)).encode(), {}),
+    "strings as pixels": (json.dumps(_tensor(data=["a"] * 784)).encode(), {}),
+    "nan pixels": (json.dumps(_tensor(data=["NaN"] * 784)).encode(), {}),
+    "too many images": (json.dumps(_tensor(shape=[5000, 1, 28, 28], data=[0.0] * 784)).encode(), {}),
+    "binary header not a number": _binary(_GOOD_HEADER, bytes(3136), length="x12"),
+    "binary header too long": _binary(_GOOD_HEADER, bytes(3136), length=999_999),
+    "binary header not json": (b"!" * 40 + bytes(3136), {"Inference-Header-Content-Length": "40"}),
+    "binary data too short": _binary(_GOOD_HEADER, bytes(3000)),
+    "binary size does not fit shape": _binary(
+        {"inputs": [{**_GOOD_HEADER["inputs"][0], "parameters": {"binary_data_size": 3000}}]}, bytes(3000)),
+    "binary header without inputs": _binary({"id": "x"}, bytes(3136)),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_malformed_tensor_requests_get_a_400_that_says_why(served, case):
+    body, headers = MALFORMED[case]
+    response = httpx.post(f"{served['url']}/v2/models/lenet/infer", content=body, headers=headers)
+    assert response.status_code == 400, (response.status_code, response.text)
+    assert response.json()["error"].strip()
+    assert _infer(served["host"], _images(1), binary=True)[0].shape == (1, 10)  # and the server goes on
+
+
+IMAGE_MALFORMED = {
+    "not base64": ["this is not base64!"],
+    "base64 of text": [base64.b64encode(b"hello, not an image").decode()],
+    "truncated png": [base64.b64encode(EXAMPLES[0].read_bytes()[:60]).decode()],
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_MALFORMED, ids=list(IMAGE_MALFORMED))
+def test_undecodable_images_get_a_400_that_says_why(served, case):
+    data = IMAGE_MALFORMED[case]
+    body = {"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}]}
+    response = httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body)
+    assert response.status_code == 400, (response.status_code, response.text)
+    assert "image" in response.json()["error"]
+
+
+def test_raw_image_bytes_in_the_binary_extension_get_a_400(served):
+    client = httpclient.InferenceServerClient(served["host"])
+    tensor = httpclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([EXAMPLES[0].read_bytes()], dtype=object))
+    with pytest.raises(InferenceServerException, match=r"\[400\].*base64"):
+        client.infer("lenet-image", [tensor])
+
+
+def test_a_body_over_the_cap_is_refused_unread(served):
+    response = httpx.post(f"{served['url']}/v2/models/lenet/infer", content=bytes(65 * 1024 * 1024),
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "exceeds" in response.json()["error"]
+
+
+def test_metrics_count_requests_by_model_and_status_and_time_them(served):
+    httpx.post(f"{served['url']}/v2/models/lenet/infer", content=b"{", headers={"Content-Type": "application/json"})
+    _infer(served["host"], _images(2), binary=False)
+    metrics = _metrics(served["url"])
+    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("status", "200")))] >= 1
+    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("status", "400")))] >= 1
+    assert metrics[("toolkit_request_seconds_count", (("model", "lenet"),))] >= 2
+    assert metrics[("toolkit_batch_images_count", ())] >= 1
+
+
+def test_a_taken_port_is_one_clear_line(quick_export):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", quick_export, "--port", port, "--provider", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.faults
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # A long batching delay keeps requests inside the server while the signal arrives.
+    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port),
+            "--provider", "cpu", "--max-batch-delay-ms", "1000", "--max-batch-size", "4096"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not answers_200(f"{url}/v2/health/ready"):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(_infer(f"127.0.0.1:{port}", _images(2), binary=True)))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        while _metrics(url).get(("toolkit_requests_in_flight", (("model", "lenet"),)), 0) < 4:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+        assert len(answers) == 4 and all(logits.shape == (2, 10) for logits, _ in answers)
+    finally:
+        if process.poll() is None:
+            process.kill()

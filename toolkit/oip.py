@@ -1,0 +1,186 @@
+"""An export as Open Inference Protocol (v2) models on KServe's model server.
+
+Two models share one Predictor and one DynamicBatcher:
+- `NAME` keeps the exported ONNX contract: `image` FP32 [-1, 1, 28, 28] in, `logits` and
+  `probabilities` FP32 [-1, classes] out, as the Triton repository serves it;
+- `NAME-image` takes encoded images (BYTES, each element base64 text, as KServe's image
+  examples send them), frames them as the demo does, and answers `label` (BYTES; empty where
+  there was nothing to classify) and `probabilities`.
+
+Every malformed request is an `InvalidInput` (400) naming what is wrong; only a broken model is
+an `InferenceError` (500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import sys
+import uuid
+from typing import Any
+
+import numpy as np
+
+from toolkit.batching import DynamicBatcher
+from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
+from toolkit.errors import ToolkitError
+from toolkit.preprocess import preprocess
+from toolkit.runtime import Predictor
+
+
+def _import_kserve() -> Any:
+    # kserve parses sys.argv with argparse when imported, and would read (or exit on) the
+    # toolkit's own options; its log level is read from the environment at the same time.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    os.environ.setdefault("KSERVE_LOGLEVEL", "WARNING")
+    try:
+        import kserve
+    except ImportError:
+        raise ToolkitError("serving needs KServe: pip install 'toolkit[serve]'") from None
+    finally:
+        sys.argv = argv
+    return kserve
+
+
+kserve = _import_kserve()
+from kserve import InferOutput, InferRequest, InferResponse  # noqa: E402  (after the argv guard)
+from kserve.errors import InferenceError, InvalidInput  # noqa: E402
+
+MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
+MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
+IMAGE_MODEL_SUFFIX = "-image"
+
+
+def _single_input(request: InferRequest, datatype: str) -> Any:
+    names = [i.name for i in request.inputs]
+    if names != [INPUT_NAME]:
+        raise InvalidInput(f"expected one input {INPUT_NAME!r}, got {names or 'none'}")
+    tensor = request.inputs[0]
+    if tensor.datatype != datatype:
+        raise InvalidInput(f"input {INPUT_NAME!r} must be {datatype}, got {tensor.datatype}")
+    return tensor
+
+
+def _as_numpy(tensor: Any) -> np.ndarray:
+    try:
+        return tensor.as_numpy()
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"input {tensor.name!r}: its data does not fit {tensor.datatype} shape "
+                           f"{tensor.shape} ({str(exc).splitlines()[0][:120]})") from None
+
+
+def images_from(request: InferRequest) -> np.ndarray:
+    """The float32 [N, 1, 28, 28] batch an infer request to the tensor model carries."""
+    tensor = _single_input(request, "FP32")
+    shape = list(tensor.shape)
+    if len(shape) != 4 or shape[1:] != list(IMAGE_SHAPE) or not 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N, 1, 28, 28] with N from 1 to "
+                           f"{MAX_IMAGES_PER_REQUEST}, got {shape}")
+    images = _as_numpy(tensor)
+    if not np.isfinite(images).all():
+        raise InvalidInput(f"input {INPUT_NAME!r} holds NaN or infinite values")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def encoded_images_from(request: InferRequest) -> list[bytes]:
+    """The encoded image files an infer request to the image model carries."""
+    tensor = _single_input(request, "BYTES")
+    shape = list(tensor.shape)
+    if not 1 <= len(shape) <= 2 or shape[1:] not in ([], [1]) or not 1 <= shape[0] <= MAX_FILES_PER_REQUEST:
+        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N] (or [N, 1]) with N from 1 to "
+                           f"{MAX_FILES_PER_REQUEST}, got {shape}")
+    files = []
+    for index, element in enumerate(_as_numpy(tensor).reshape(-1)):
+        text = element.decode("ascii", "replace") if isinstance(element, bytes) else str(element)
+        try:
+            files.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"input {INPUT_NAME!r}[{index}] is not base64 text of an image file") from None
+    return files
+
+
+def _output(name: str, values: np.ndarray, datatype: str) -> InferOutput:
+    output = InferOutput(name, list(values.shape), datatype)
+    output.set_data_from_numpy(values, binary_data=False)
+    return output
+
+
+def _response(model: kserve.Model, request: InferRequest, outputs: list[InferOutput]) -> InferResponse:
+    # The protocol makes the request id optional, kserve's response model requires one.
+    return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=model.name,
+                         infer_outputs=outputs, use_binary_outputs=request.use_binary_outputs,
+                         requested_outputs=request.request_outputs)
+
+
+async def _run(batcher: DynamicBatcher, images: np.ndarray) -> list[np.ndarray]:
+    try:
+        return await batcher.submit(images)
+    except ToolkitError as exc:  # the model answered outside its contract (NaN, wrong shape)
+        raise InferenceError(str(exc)) from None
+
+
+class TensorModel(kserve.Model):
+    """The exported ONNX model under its own contract: pixels in, logits and probabilities out."""
+
+    def __init__(self, name: str, predictor: Predictor, batcher: DynamicBatcher,
+                 parameters: dict[str, Any]) -> None:
+        super().__init__(name)
+        self.predictor, self.batcher, self.parameters = predictor, batcher, parameters
+        self.ready = True
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *IMAGE_SHAPE]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        classes = len(self.predictor.class_names)
+        return [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUT_NAMES]
+
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        logits, probabilities = await _run(self.batcher, images_from(payload))
+        return _response(self, payload, [_output(OUTPUT_NAMES[0], logits, "FP32"),
+                                         _output(OUTPUT_NAMES[1], probabilities, "FP32")])
+
+
+class ImageModel(kserve.Model):
+    """Encoded images in, framed as the demo frames them, label and probabilities out."""
+
+    def __init__(self, name: str, predictor: Predictor, batcher: DynamicBatcher,
+                 parameters: dict[str, Any]) -> None:
+        super().__init__(name)
+        self.predictor, self.batcher, self.parameters = predictor, batcher, parameters
+        self.ready = True
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": OUTPUT_NAMES[1], "datatype": "FP32", "shape": [-1, len(self.predictor.class_names)]}]
+
+    def _frame(self, index: int, data: bytes) -> np.ndarray | None:
+        try:
+            return preprocess(data, self.predictor.framing)
+        except ToolkitError as exc:
+            raise InvalidInput(f"input {INPUT_NAME!r}[{index}]: {exc}") from None
+
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        files = encoded_images_from(payload)
+        digits = await asyncio.to_thread(lambda: [self._frame(i, data) for i, data in enumerate(files)])
+        found = [i for i, digit in enumerate(digits) if digit is not None]
+        classes = self.predictor.class_names
+        probabilities = np.zeros((len(files), len(classes)), dtype=np.float32)
+        labels = np.array([""] * len(files), dtype=object)  # "": nothing to classify, predict's null
+        if found:
+            _, found_probabilities = await _run(self.batcher, np.stack([digits[i] for i in found])[:, None])
+            probabilities[found] = found_probabilities
+            labels[found] = [classes[k] for k in found_probabilities.argmax(axis=1)]
+        return _response(self, payload, [_output("label", labels, "BYTES"),
+                                         _output(OUTPUT_NAMES[1], probabilities, "FP32")])
+
+
+def image_model_name(name: str) -> str:
+    return name + IMAGE_MODEL_SUFFIX

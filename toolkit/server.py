@@ -1,0 +1,386 @@
+"""`toolkit serve`: an export on KServe's model server, speaking the Open Inference Protocol v2.
+
+KServe provides the protocol (routes, request parsing, the binary tensor extension, health and
+metadata, graceful shutdown); this module loads the export, and puts a guard in front of it
+for what KServe 0.21 leaves open: it binds every interface, answers some malformed requests
+with a 500 and a closed connection, takes bodies of any size, and counts no requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import signal
+import socket
+import time
+import warnings
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
+from toolkit.contract import serving_name
+from toolkit.errors import ToolkitError
+from toolkit.oip import ImageModel, TensorModel, image_model_name
+from toolkit.runtime import Predictor
+
+log = logging.getLogger("toolkit.serve")
+
+MAX_BODY = 64 * 1024 * 1024  # 4096 images as JSON numbers fit; anything bigger is refused unread
+GRACE_SECONDS = 30  # SIGTERM: requests in flight get this long to finish
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+_BINARY_HEADER = b"inference-header-content-length"
+
+
+@dataclass
+class ServeOptions:
+    """How `toolkit serve` runs an export (the CLI's options, with the same defaults)."""
+
+    name: str | None = None  # default: the export folder's serving name
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = None
+    provider: str = "auto"
+    threads: int | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_delay_ms: float = DEFAULT_MAX_DELAY_MS
+    check_integrity: bool = True
+    max_body_bytes: int = MAX_BODY
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ToolkitError(f"must be between 1 and 4096, got {self.max_batch_size}", option="max_batch_size")
+        if not (math.isfinite(self.max_batch_delay_ms) and 0 <= self.max_batch_delay_ms <= 1000):
+            raise ToolkitError(f"must be between 0 and 1000 ms, got {self.max_batch_delay_ms}",
+                               option="max_batch_delay_ms")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):
+            raise ToolkitError(f"must be letters, digits, '_', '.' or '-' (a URL path segment), got {self.name!r}",
+                               option="name")
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ToolkitError(f"must differ from the HTTP port {self.port}", option="grpc_port")
+
+
+def _metrics() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return {
+        "in_flight": Gauge("toolkit_requests_in_flight", "Inference requests received and not yet answered",
+                           ["model"]),
+        "requests": Counter("toolkit_requests", "Inference requests by model and HTTP status",
+                            ["model", "status"]),
+        "latency": Histogram("toolkit_request_seconds", "Inference request latency, received to answered",
+                             ["model"], buckets=(.001, .002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5)),
+        "batch_images": Histogram("toolkit_batch_images", "Images per model run (dynamic batching)",
+                                  buckets=tuple(2.0 ** k for k in range(13))),
+        "batch_requests": Histogram("toolkit_batch_requests", "Requests merged into one model run",
+                                    buckets=tuple(2.0 ** k for k in range(9))),
+    }
+
+
+METRICS = _metrics()
+
+
+async def _answer(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
+    """What is wrong with a request in the binary tensor extension's framing, or None: the JSON
+    header's length, the header itself, and each input's `binary_data_size` against its shape."""
+    from kserve.utils.numpy_codec import to_np_dtype
+
+    try:
+        length = int(header_length)
+    except ValueError:
+        return f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}"
+    if not 0 < length <= len(body):
+        return f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
+    try:
+        header = json.loads(body[:length])
+    except ValueError:
+        return "the request's JSON header is not valid JSON"
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        return "the request's JSON header has no list of inputs"
+    offset = length
+    for tensor in inputs:
+        name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return f"input {name!r} has no valid shape"
+        if size is None:
+            continue
+        dtype = to_np_dtype(datatype) if isinstance(datatype, str) else None
+        if not isinstance(size, int) or size < 0 or dtype is None:
+            return f"input {name!r} has an invalid datatype or binary_data_size"
+        if datatype != "BYTES" and size != math.prod(shape) * dtype().itemsize:
+            return f"input {name!r}: binary_data_size {size} does not fit {datatype} shape {shape}"
+        if datatype == "BYTES" and not _utf8_elements(body[offset:offset + size]):
+            # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
+            return f"input {name!r}: BYTES elements must be UTF-8 text (send image files base64-encoded)"
+        offset += size
+    if offset != len(body):
+        return f"the inputs' binary_data_size add up to {offset - length} bytes, the body holds {len(body) - length}"
+    return None
+
+
+def _utf8_elements(data: bytes) -> bool:
+    """Whether a serialized BYTES tensor (each element a 4-byte little-endian length, then
+    that many bytes) is whole and every element is UTF-8."""
+    offset = 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            return False
+        size = int.from_bytes(data[offset:offset + 4], "little")
+        element = data[offset + 4:offset + 4 + size]
+        if len(element) != size:
+            return False
+        try:
+            element.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        offset += 4 + size
+    return True
+
+
+class ProtocolGuard:
+    """ASGI middleware in front of KServe's app: bodies over `limit` get a 413 unread, malformed
+    binary framing a 400, a body without a content type is read as JSON (tritonclient's JSON
+    mode sends none), anything unexpected a 500 that keeps the connection; infer requests are
+    counted and timed by model and status, and logged at debug level."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        infer = _INFER_PATH.match(scope["path"])
+        status, started = 500, time.perf_counter()
+        if infer:
+            METRICS["in_flight"].labels(infer.group(1)).inc()
+
+        async def tracked(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracked)
+        except Exception:
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            if status == 500:  # nothing sent yet
+                with contextlib.suppress(Exception):
+                    await _answer(send, 500, "internal error; the server log has the details")
+        finally:
+            seconds = time.perf_counter() - started
+            if infer:
+                model = infer.group(1)
+                METRICS["in_flight"].labels(model).dec()
+                METRICS["requests"].labels(model, str(status)).inc()
+                METRICS["latency"].labels(model).observe(seconds)
+            log.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, 1000 * seconds)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
+                return
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if _BINARY_HEADER in headers:
+            problem = binary_request_problem(headers[_BINARY_HEADER], body)
+            if problem:
+                await _answer(send, 400, problem)
+                return
+        elif headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")])
+        delivered = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def model_parameters(predictor: Predictor) -> dict[str, Any]:
+    """What the metadata endpoint tells about the served export beyond its tensors."""
+    parity = predictor.manifest.get("parity") or {}
+    return {
+        "class_names": predictor.class_names,
+        "dataset": predictor.metadata.get("dataset"),
+        "arch": predictor.metadata.get("arch"),
+        "normalization_in_graph": predictor.metadata.get("normalization_baked_in"),
+        "checkpoint_sha256": predictor.metadata.get("source_checkpoint_sha256"),
+        "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+        "integrity": predictor.integrity,
+        "provider": predictor.provider,
+    }
+
+
+def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorModel, ImageModel, DynamicBatcher]:
+    """The tensor and image models of one export, sharing a Predictor and a batcher."""
+    options.validate()
+    predictor = Predictor(export_dir, provider=options.provider, threads=options.threads,
+                          check_integrity=options.check_integrity)
+    name = options.name or serving_name(Path(export_dir) if Path(export_dir).is_dir() else Path(export_dir).parent)
+
+    def counted(images: int, requests: int) -> None:
+        METRICS["batch_images"].observe(images)
+        METRICS["batch_requests"].observe(requests)
+
+    batcher = DynamicBatcher(predictor.run, max_batch_size=options.max_batch_size,
+                             max_delay_s=options.max_batch_delay_ms / 1000, on_batch=counted)
+    parameters = model_parameters(predictor)
+    return (TensorModel(name, predictor, batcher, parameters),
+            ImageModel(image_model_name(name), predictor, batcher, parameters), batcher)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The socket bound before the server starts, so a taken port is one clear error. TCP named
+    as the protocol: asyncio sets TCP_NODELAY only then (without it a reply waits ~40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ToolkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _install_routes(app: Any, dataplane: Any, models: dict[str, TensorModel | ImageModel], limit: int) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def metadata(model_name: str) -> JSONResponse:
+        found = await dataplane.model_metadata(model_name)  # raises ModelNotFound: 404
+        model = models[model_name]
+        return JSONResponse({**found, "platform": "onnxruntime_onnx" if isinstance(model, TensorModel) else "",
+                             "parameters": model.parameters})
+
+    async def invalid(_: Any, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return JSONResponse({"error": f"invalid inference request: {first.get('msg', 'unreadable')}"
+                                      + (f" at {where}" if where else "")}, status_code=400)
+
+    # Before KServe's own routes are added, so this richer metadata answers first.
+    app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_middleware(ProtocolGuard, limit=limit)
+
+
+def serve(export_dir: str | Path, options: ServeOptions,
+          on_ready: Callable[[str, list[str]], None] | None = None) -> None:
+    """Serve `export_dir` until SIGTERM or Ctrl-C, which let requests in flight finish."""
+    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+    from kserve.model_repository import ModelRepository
+    from kserve.model_server import app
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.server import RESTServer
+
+    tensor_model, image_model, batcher = build_models(export_dir, options)
+    sock = _listening_socket(options.host, options.port)
+    grpc_sock = _listening_socket(options.host, options.grpc_port) if options.grpc_port is not None else None
+    repository = ModelRepository()
+    for model in (tensor_model, image_model):
+        repository.update(model)
+    dataplane = DataPlane(model_registry=repository)
+    extension = ModelRepositoryExtension(model_registry=repository)
+    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
+    rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
+    _install_routes(app, dataplane, {m.name: m for m in (tensor_model, image_model)}, options.max_body_bytes)
+    rest.create_application()
+
+    async def run() -> None:
+        servers = [asyncio.create_task(rest._server.serve(sockets=[sock]))]
+        grpc = None
+        if grpc_sock is not None:
+            grpc_sock.close()  # grpc binds by address; the check above made sure it was free
+            grpc = await _start_grpc(dataplane, extension, options.host, options.grpc_port)
+        while not rest._server.started and not servers[0].done():
+            await asyncio.sleep(0.02)
+        if rest._server.started and on_ready is not None:
+            port = sock.getsockname()[1]
+            on_ready(f"http://{options.host}:{port}", [tensor_model.name, image_model.name])
+        try:
+            await servers[0]
+        finally:
+            if grpc is not None:
+                await grpc.stop(grace=GRACE_SECONDS)
+            batcher.close()
+
+    # uvicorn handles SIGTERM and Ctrl-C itself (stop accepting, finish requests in flight),
+    # then raises the signal again once it is done; ignoring that second one exits with 0.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")  # KServe 0.21 still uses it
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asyncio.run(run())
+    except SystemExit as exc:  # uvicorn exits on a failed start-up
+        raise ToolkitError(f"the server stopped while starting (exit {exc.code})") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+
+
+async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int) -> Any:
+    """KServe's gRPC inference service on `host:port` (KServe's own gRPC server binds every
+    interface, so its servicer is mounted on a server bound here)."""
+    from concurrent import futures
+
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    interceptors = (LoggingInterceptor(), ExceptionToStatusInterceptor())
+    server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
+                        options=[("grpc.max_receive_message_length", MAX_BODY),
+                                 ("grpc.max_send_message_length", MAX_BODY)])
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, extension),
+                                                                       server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise ToolkitError(f"cannot listen for gRPC on {address}")
+    await server.start()
+    return server
