@@ -273,3 +273,29 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_verify_endpoint_passes_against_the_server_and_writes_its_report(served, quick_export, tmp_path):
+    report = tmp_path / "endpoint-parity.json"
+    result = run_cli("verify", quick_export, "--endpoint", served["url"], "--json", report)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["endpoint"] == served["url"] and data["model"] == "lenet"
+    assert set(data["backends"]) == {"lenet", "lenet-image"} and data["samples"] > 10_000
+    assert all(b["top1_agreement"] == 1.0 and b["passed"] for b in data["backends"].values())
+
+
+@pytest.mark.slow
+def test_verify_endpoint_fails_against_a_server_serving_another_model(quick_export, tmp_path, mnist_dir):
+    other = tmp_path / "other"
+    assert run_cli("train", "lenet", "--epochs", "1", "--limit-train", "2000", "--seed", "1", "--runs-dir", tmp_path,
+                   "--name", "other", "--data-dir", mnist_dir, "--device", "cpu").returncode == 0
+    assert run_cli("export", other / "best.pt", "--out", tmp_path / "exports" / "other", "--no-verify").returncode == 0
+    port = free_port()
+    args = ["serve", str(tmp_path / "exports" / "other"), "--name", "lenet", "--port", str(port), "--provider", "cpu"]
+    with toolkit_server(args, ready_url=f"http://127.0.0.1:{port}/v2/health/ready"):
+        result = run_cli("verify", quick_export, "--endpoint", f"127.0.0.1:{port}", "--json", tmp_path / "r.json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "endpoint parity check failed" in result.stderr and "sample" in result.stderr
+    assert "the endpoint serves checkpoint" in result.stderr
+    assert not json.loads((tmp_path / "r.json").read_text())["passed"]

@@ -169,6 +169,7 @@ ExportFormat = _choices("ExportFormat", [*FORMATS, "all"])
 
 
 RunsDirOption = Annotated[Path, typer.Option(help="Where to look for the newest run.")]
+BENCH_DIR = Path("reports")  # where reports a command writes outside an export dir go
 ExportDirArgument = Annotated[Path | None, typer.Argument(help="(default: the newest dir under exports/)")]
 AtolOption = Annotated[float, typer.Option(min=0, help="Absolute logit tolerance for fp32 backends.")]
 RtolOption = Annotated[float, typer.Option(min=0, help="Relative logit tolerance for fp32 backends.")]
@@ -233,15 +234,36 @@ def verify_command(
     rtol: RtolOption = 1e-4,
     max_acc_drop: AccDropOption = 0.3,
     data_dir: DataDirOption = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="Check a running OIP server (toolkit serve, Triton, KServe) instead, e.g. http://127.0.0.1:8080.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(
+        help="With --endpoint: the served model's name (default: the export folder's name).")] = None,
+    json_path: Annotated[Path, typer.Option(
+        "--json", help="With --endpoint: where to write the report.")] = BENCH_DIR / "endpoint-parity.json",
 ) -> None:
     """Run every artifact of an export over the whole test set against PyTorch; write parity.json.
+    With --endpoint, send the test set through a served model instead and write endpoint-parity.json.
 
     Exits non-zero, naming the backend and the worst sample, when any backend disagrees.
     """
+    export_dir = export_dir or newest_export_dir()
+    if endpoint is not None:
+        from toolkit.endpoint import verify_endpoint
+
+        with console.status(f"checking {endpoint}...") as status:
+            report = verify_endpoint(export_dir, endpoint, model=model, data_dir=data_dir, atol=atol, rtol=rtol,
+                                     json_path=json_path,
+                                     progress=lambda name: status.update(f"checking {name} at {endpoint}..."))
+        _show_parity(report)
+        report.raise_for_failure(f"endpoint parity check failed at {endpoint}")
+        console.print(f"endpoint parity report: {json_path}")
+        return
+    if model is not None:
+        raise ToolkitError("applies to `endpoint` only", option="model")
     from toolkit.publish import attach_parity
     from toolkit.verify import verify_export
 
-    export_dir = export_dir or newest_export_dir()
     with console.status("verifying...") as status:
         report = verify_export(export_dir, data_dir=data_dir, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
                                progress=lambda name: status.update(f"verifying {name}..."))
@@ -470,7 +492,6 @@ def compare_command(
     console.print(f"compare directory: {out_dir}")
 
 
-BENCH_DIR = Path("reports")
 JsonOption = Annotated[Path, typer.Option("--json", help="Where to write the results as JSON.")]
 bench_app = typer.Typer(help="Benchmarks: inference backends, the training loop, request handling, the demo server.",
                         no_args_is_help=True)

@@ -15,3 +15,11 @@ def serving_name(export_dir: str | Path) -> str:
     folder's name, with anything a URL path or a Triton model folder cannot hold made `_`."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(export_dir).resolve().name).strip(".")
     return name or "model"
+
+
+IMAGE_MODEL_SUFFIX = "-image"
+
+
+def image_model_name(name: str) -> str:
+    """The name the image model of the export served as `name` is served under."""
+    return name + IMAGE_MODEL_SUFFIX

@@ -50,7 +50,6 @@ from kserve.errors import InferenceError, InvalidInput  # noqa: E402
 
 MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
 MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
-IMAGE_MODEL_SUFFIX = "-image"
 
 
 def _single_input(request: InferRequest, datatype: str) -> Any:
@@ -180,7 +179,3 @@ class ImageModel(kserve.Model):
             labels[found] = [classes[k] for k in found_probabilities.argmax(axis=1)]
         return _response(self, payload, [_output("label", labels, "BYTES"),
                                          _output(OUTPUT_NAMES[1], probabilities, "FP32")])
-
-
-def image_model_name(name: str) -> str:
-    return name + IMAGE_MODEL_SUFFIX

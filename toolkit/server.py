@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
-from toolkit.contract import serving_name
+from toolkit.contract import image_model_name, serving_name
 from toolkit.errors import ToolkitError
-from toolkit.oip import ImageModel, TensorModel, image_model_name
+from toolkit.oip import ImageModel, TensorModel
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.serve")

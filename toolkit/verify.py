@@ -154,9 +154,10 @@ def integrity_problems(export_dir: Path, manifest: dict[str, Any]) -> dict[str, 
     return problems
 
 
-def _run_all(
+def run_all(
     runner: Runner, batches: list[np.ndarray], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A runner's outputs over `batches`, concatenated, and whether every batch had the right shapes."""
     logits, probs, shapes_ok = [], [], True
     for batch in batches:
         lg, pr = runner(batch)
@@ -164,6 +165,53 @@ def _run_all(
         logits.append(lg)
         probs.append(pr)
     return np.concatenate(logits), np.concatenate(probs), bool(shapes_ok)
+
+
+@dataclass
+class Reference:
+    """What every backend is compared with: the export's PyTorch model over the test set (in
+    batches of EVAL_BATCH) and the edge batches."""
+
+    checkpoint: dict[str, Any]
+    labels: np.ndarray  # of the test set, which the batches start with
+    batches: list[np.ndarray]
+    logits: np.ndarray
+    probabilities: np.ndarray
+    edge_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.checkpoint["class_names"])
+
+    def report(self, atol: float, rtol: float, max_acc_drop: float) -> ParityReport:
+        """An empty report (no backends yet) for checks against this reference."""
+        accuracy = float((self.logits[:len(self.labels)].argmax(1) == self.labels).mean())
+        return ParityReport(passed=True, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
+                            dataset=self.checkpoint["dataset"], samples=len(self.logits),
+                            edge_cases=self.edge_names, reference_accuracy=accuracy)
+
+    def compare(self, artifact: str, kind: str, runner: Runner, report: ParityReport) -> BackendResult:
+        """`runner` over every batch against this reference, under `report`'s tolerances."""
+        logits, _, shapes_ok = run_all(runner, self.batches, self.num_classes)
+        return compare_outputs(artifact, kind, logits, self.logits, self.labels, shapes_ok,
+                               report.atol, report.rtol, report.max_acc_drop)
+
+
+def check_tolerances(atol: float, rtol: float, max_acc_drop: float) -> None:
+    for name, value in (("atol", atol), ("rtol", rtol), ("max_acc_drop", max_acc_drop)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ToolkitError(f"must be a finite number >= 0, got {value}", option=name)
+
+
+def reference_outputs(export_dir: Path, data_dir: str | Path | None = None) -> Reference:
+    """The PyTorch reference of the export in `export_dir` (its model.pt) on its test set."""
+    checkpoint = load_checkpoint(export_dir / "model.pt")
+    test = load_split(checkpoint["dataset"], data_dir, train=False)
+    edge_names, edge_batches = edge_inputs()
+    batches = np.array_split(test.pixels().numpy(), -(-len(test) // EVAL_BATCH)) + edge_batches
+    logits, probabilities, _ = run_all(torch_runner(build_deployable(checkpoint)), batches,
+                                       len(checkpoint["class_names"]))
+    return Reference(checkpoint, test.labels.numpy(), batches, logits, probabilities, edge_names)
 
 
 def verify_export(
@@ -177,35 +225,17 @@ def verify_export(
 ) -> ParityReport:
     """Compare every backend in `export_dir` with its PyTorch checkpoint; write `parity.json`."""
     export_dir = Path(export_dir)
-    for name, value in (("atol", atol), ("rtol", rtol), ("max_acc_drop", max_acc_drop)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ToolkitError(f"{name} must be a finite number >= 0, got {value}")
+    check_tolerances(atol, rtol, max_acc_drop)
     if not export_dir.is_dir():
         raise ToolkitError(f"export dir not found: {export_dir}")
     manifest = read_manifest(export_dir)
-    checkpoint = load_checkpoint(export_dir / "model.pt")
-    reference = build_deployable(checkpoint)
-
-    test = load_split(checkpoint["dataset"], data_dir, train=False)
-    labels = test.labels.numpy()
-    edge_names, edge_batches = edge_inputs()
-    n_test, num_classes = len(test), len(checkpoint["class_names"])
-    batches = np.array_split(test.pixels().numpy(), -(-n_test // EVAL_BATCH)) + edge_batches
-
-    ref_logits, _, _ = _run_all(torch_runner(reference), batches, num_classes)
-    ref_acc = float((ref_logits[:n_test].argmax(1) == labels).mean())
-    report = ParityReport(
-        passed=True, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop, dataset=checkpoint["dataset"],
-        samples=len(ref_logits), edge_cases=edge_names, reference_accuracy=ref_acc,
-    )
+    reference = reference_outputs(export_dir, data_dir)
+    report = reference.report(atol, rtol, max_acc_drop)
     report.integrity = integrity_problems(export_dir, manifest)
-
     for name, (artifact, kind, factory) in discover_backends(export_dir).items():
         if progress:
             progress(name)
-        logits, _, shapes_ok = _run_all(factory(), batches, num_classes)
-        report.backends[name] = _compare(artifact, kind, logits, ref_logits, labels, shapes_ok,
-                                         atol, rtol, max_acc_drop)
+        report.backends[name] = reference.compare(artifact, kind, factory(), report)
     if not report.backends:
         raise ToolkitError(f"{export_dir} holds no exported model to verify (model.onnx, model.ts, ...)")
     report.passed = all(r.passed for r in report.backends.values()) and not report.integrity
@@ -213,10 +243,12 @@ def verify_export(
     return report
 
 
-def _compare(
+def compare_outputs(
     artifact: str, kind: str, logits: np.ndarray, ref: np.ndarray, labels: np.ndarray, shapes_ok: bool,
     atol: float, rtol: float, max_acc_drop: float,
 ) -> BackendResult:
+    """One backend's outputs against the reference's, under the rules of its kind: fp32 within
+    atol + rtol x |reference| and the same top-1 everywhere; int8/fp16 by accuracy drop."""
     n_test = len(labels)
     diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
     excess = diff - (atol + rtol * np.abs(ref))
