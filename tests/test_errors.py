@@ -248,6 +248,15 @@ CASES = [
     ("bench infer {export} --seconds nan", "--seconds must be positive and finite, got nan", 1),
     ("train lenet --epochs 1 --limit-train 200 --lr 1e30 --device cpu --runs-dir {bad}/runs-nan --name x",
      "training diverged in epoch 1", 1),
+    # Serving and checking a served endpoint.
+    ("serve {export} --max-batch-size 0", "--max-batch-size must be between 1 and 4096, got 0", 1),
+    ("serve {export} --max-batch-delay-ms nan", "--max-batch-delay-ms must be between 0 and 1000 ms", 1),
+    ("serve {export} --name a/b", "--name must be letters, digits", 1),
+    ("serve {export} --port 9000 --grpc-port 9000", "--grpc-port must differ from the HTTP port 9000", 1),
+    ("serve {bad}/swapped", "refusing to serve", 1),
+    ("verify {export} --model lenet", "--model applies to --endpoint only", 1),
+    ("verify {export} --endpoint ftp://example.org", "--endpoint not an http(s) URL", 1),
+    ("verify {export} --endpoint http://127.0.0.1:1", "cannot reach http://127.0.0.1:1", 1),
 ]
 
 

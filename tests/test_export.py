@@ -117,7 +117,7 @@ def test_the_triton_repository_is_a_valid_model_config_matching_the_onnx_model(q
     labels = (model_dir / config.output[1].label_filename).read_text().splitlines()
     metadata = {p.key: p.value for p in onnx.load(str(quick_export / "model.onnx")).metadata_props}
     assert config.output[1].name == "probabilities" and labels == json.loads(metadata["class_names"])
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert list(config.dynamic_batching.preferred_batch_size) == [64]
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
 
 

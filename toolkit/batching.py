@@ -2,9 +2,9 @@
 
 A server handles each request in its own coroutine; on a small model most of a run's cost is
 fixed (a call into onnxruntime, thread wake-ups), so eight single images cost little more
-than one batch of eight. The batcher holds the first request up to `max_delay_s` for others
-to join, runs them as one batch (never more than `max_batch_size` images, unless one request
-alone is bigger), and hands each caller exactly its own rows.
+than one batch of eight. While one run computes, requests queue; the next run takes all that
+queued (never more than `max_batch_size` images, unless one request alone is bigger), holding
+the first up to `max_delay_s` for more to join, and hands each caller exactly its own rows.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# What `toolkit serve` and the exported Triton repository wait, by default, for a batch to fill:
-# at one client a request waits this long for company that never comes, so it stays small.
-DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS = 64, 2.0
+# Defaults of `toolkit serve` and the exported Triton repository. No delay: requests that arrive
+# while a run computes queue up and share the next run, so batches grow with load by themselves,
+# and a lone request never waits for company (with LeNet a 2 ms delay halved 1-client throughput,
+# docs/benchmarks.md). A delay pays only where one run costs much more than a request's overhead.
+DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS = 64, 0.0
 
 BatchRun = Callable[[np.ndarray], Sequence[np.ndarray]]
 

@@ -598,23 +598,55 @@ def bench_classify_command(
     _write_bench_json(json_path, result)
 
 
+class Server(str, Enum):
+    demo = "demo"
+    serve = "serve"
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ToolkitError(f"must be integers separated by commas, got {text!r}", option=option) from None
+    if not values or min(values) <= 0:
+        raise ToolkitError(f"must be positive, got {text!r}", option=option)
+    return values
+
+
 @bench_app.command("serve")
 def bench_serve_command(
     export_dir: ExportDirArgument = None,
-    clients: Annotated[int, typer.Option(help="Concurrent API clients.")] = 16,
-    requests: Annotated[int, typer.Option(help="Requests in all.")] = 400,
+    server: Annotated[Server, typer.Option(
+        help="demo: the Gradio demo's REST API; serve: `toolkit serve` on the Open Inference Protocol.")
+    ] = Server.demo,
+    clients: Annotated[str | None, typer.Option(
+        help="Concurrent clients; for serve a comma-separated list (default: demo 16, serve 1,16,64).")] = None,
+    requests: Annotated[int | None, typer.Option(
+        min=1, help="Requests in all (serve: per run; default: demo 400, serve 2000).")] = None,
     malformed_every: Annotated[int, typer.Option(
-        min=0, help="Send a corrupt image every N requests (0: never).")] = 0,
+        min=0, help="Send a malformed request every N requests (0: never).")] = 0,
     sample_every: Annotated[int, typer.Option(
-        min=0, help="Soak: read the server's RSS every N requests and report its growth per 1,000 (0: off).")] = 0,
+        min=0, help="Demo soak: read the server's RSS every N requests and report its growth per 1,000 (0: off).")
+    ] = 0,
+    kinds: Annotated[str, typer.Option(
+        help="serve: request kinds, from tensor-json, tensor-binary, image.")] = "tensor-json,tensor-binary,image",
+    batching: Annotated[str, typer.Option(help="serve: dynamic batching on, off, or both (on,off).")] = "on,off",
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
-    """Start the demo server and drive concurrent REST clients at it."""
+    """Start a server and drive concurrent clients at it: the Gradio demo, or `toolkit serve`."""
+    _check_bench_json(json_path)
+    export_dir = export_dir or newest_export_dir()
+    if server == Server.serve:
+        _bench_oip(export_dir, _int_list("clients", clients or "1,16,64"), requests or 2000, malformed_every,
+                   tuple(kinds.split(",")), batching, json_path)
+        return
     from toolkit.bench import bench_serve
 
-    _check_bench_json(json_path)
-    result = bench_serve(export_dir or newest_export_dir(), sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
-                         requests=requests, malformed_every=malformed_every, sample_every=sample_every,
+    counts = _int_list("clients", clients or "16")
+    if len(counts) != 1:
+        raise ToolkitError("takes one number with --server demo", option="clients")
+    result = bench_serve(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=counts[0],
+                         requests=requests or 400, malformed_every=malformed_every, sample_every=sample_every,
                          log=console.print)
 
     def figure(key: str, spec: str) -> str:  # None when no request succeeded, or no RSS was read
@@ -630,6 +662,33 @@ def bench_serve_command(
         f"server-side p50 {figure('server_side_p50_ms', '.2f')} ms; server memory "
         f"{figure('server_rss_mb_before', '.0f')} -> {figure('server_rss_mb_after', '.0f')} MB{soak}"
     )
+    _write_bench_json(json_path, result)
+
+
+def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malformed_every: int,
+               kinds: tuple[str, ...], batching: str, json_path: Path) -> None:
+    from rich.table import Table
+
+    from toolkit.bench_oip import bench_oip
+
+    settings = {"on": True, "off": False}
+    chosen = tuple(settings.get(part) for part in batching.split(","))
+    if None in chosen:
+        raise ToolkitError(f"must be on, off or on,off, got {batching!r}", option="batching")
+    result = bench_oip(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
+                       requests=requests, kinds=kinds, batching=chosen, malformed_every=malformed_every,
+                       log=console.print)
+    table = Table(title=f"toolkit serve {export_dir}: {requests} requests per run")
+    for column in ("batching", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors"):
+        table.add_column(column, justify="left" if column in ("batching", "requests") else "right")
+    for run in result["runs"]:
+        table.add_row("on" if run["batching"] else "off", run["kind"], str(run["clients"]),
+                      f"{run['throughput_rps']:.0f}", *(f"{run[k]:.1f}" if run[k] is not None else "n/a"
+                                                       for k in ("p50_ms", "p99_ms")), str(run["errors"]))
+    console.print(table)
+    for memory in result["servers"]:
+        console.print(f"server (batching {'on' if memory['batching'] else 'off'}) memory: "
+                      f"{memory['rss_mb_before']:.0f} -> {memory['rss_mb_after']:.0f} MB", highlight=False)
     _write_bench_json(json_path, result)
 
 
