@@ -264,6 +264,9 @@ CASES = [
 # usage errors from the parser, and warnings libraries print to stderr.
 AS_PROCESS = {"frobnicate", "train lenet --epochs abc", "train resnet9000", "export {bad}/protocol-3.pt",
               "verify {bad}/escape", "predict {digit} --model {bad}/swapped"}
+# KServe's and tritonclient's gRPC protos both define the `inference` package, so kserve cannot
+# be imported into a test process that has imported tritonclient.grpc (the gRPC tests' client).
+AS_PROCESS |= {command for command, _, _ in CASES if command.startswith("serve ")}
 
 
 @pytest.mark.parametrize(("command", "message", "code"), CASES, ids=[c[0].split(" {")[0] for c in CASES])

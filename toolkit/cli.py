@@ -603,13 +603,13 @@ class Server(str, Enum):
     serve = "serve"
 
 
-def _int_list(option: str, text: str) -> tuple[int, ...]:
+def _client_counts(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ToolkitError(f"must be integers separated by commas, got {text!r}", option=option) from None
-    if not values or min(values) <= 0:
-        raise ToolkitError(f"must be positive, got {text!r}", option=option)
+        raise ToolkitError(f"must be integers separated by commas, got {text!r}", option="clients") from None
+    if min(values) <= 0:
+        raise ToolkitError("`clients` and `requests` must be positive")
     return values
 
 
@@ -637,12 +637,12 @@ def bench_serve_command(
     _check_bench_json(json_path)
     export_dir = export_dir or newest_export_dir()
     if server == Server.serve:
-        _bench_oip(export_dir, _int_list("clients", clients or "1,16,64"), requests or 2000, malformed_every,
+        _bench_oip(export_dir, _client_counts(clients or "1,16,64"), requests or 2000, malformed_every,
                    tuple(kinds.split(",")), batching, json_path)
         return
     from toolkit.bench import bench_serve
 
-    counts = _int_list("clients", clients or "16")
+    counts = _client_counts(clients or "16")
     if len(counts) != 1:
         raise ToolkitError("takes one number with --server demo", option="clients")
     result = bench_serve(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=counts[0],

@@ -2,6 +2,7 @@
 server (no torch import): `image` [N, 1, 28, 28] float32 pixels in [0, 1] in, `logits` and
 `probabilities` [N, classes] float32 out, under one model name."""
 
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ IMAGE_SHAPE = (1, 28, 28)
 def serving_name(export_dir: str | Path) -> str:
     """The name an export is served under (`toolkit serve`, its Triton repository): the export
     folder's name, with anything a URL path or a Triton model folder cannot hold made `_`."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(export_dir).resolve().name).strip(".")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(os.path.realpath(export_dir)).name).strip(".")  # no raise on loops
     return name or "model"
 
 
