@@ -4,6 +4,7 @@ the tensor model, plain HTTP for the image model and for requests no client woul
 import base64
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -299,3 +300,15 @@ def test_verify_endpoint_fails_against_a_server_serving_another_model(quick_expo
     assert "endpoint parity check failed" in result.stderr and "sample" in result.stderr
     assert "the endpoint serves checkpoint" in result.stderr
     assert not json.loads((tmp_path / "r.json").read_text())["passed"]
+
+
+def test_the_readme_client_example_runs_against_the_server(served):
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"### `toolkit serve.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert '"127.0.0.1:8080"' in code
+    code = code.replace('"127.0.0.1:8080"', repr(served["host"]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().strip("[]").split()) == 4  # one class per image
