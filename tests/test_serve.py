@@ -184,6 +184,15 @@ MALFORMED = {
     "binary size does not fit shape": _binary(
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "parameters": {"binary_data_size": 3000}}]}, bytes(3000)),
     "binary header without inputs": _binary({"id": "x"}, bytes(3136)),
+    # Found by a hostile probe.
+    "numbers beyond float": (json.dumps(_tensor(data=[10**400] * 784)).encode(), {}),
+    "binary parameters not an object": _binary(
+        {"inputs": [{**_GOOD_HEADER["inputs"][0], "parameters": [1]}]}, bytes(3136)),
+    "binary shape of booleans": _binary(
+        {"inputs": [{**_GOOD_HEADER["inputs"][0], "shape": [True, 1, 28, 28]}]}, bytes(3136)),
+    "binary BOOL tensor": _binary(
+        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
+                     "parameters": {"binary_data_size": 784}}]}, bytes(784)),
 }
 
 
@@ -312,3 +321,41 @@ def test_the_readme_client_example_runs_against_the_server(served):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().strip("[]").split()) == 4  # one class per image
+
+
+def test_clients_cannot_unload_the_served_model(served):
+    for action in ("unload", "load"):
+        response = httpx.post(f"{served['url']}/v2/repository/models/lenet/{action}")
+        assert response.status_code == 501, response.text
+    assert httpx.get(f"{served['url']}/v2/models/lenet/ready").status_code == 200
+    assert _infer(served["host"], _images(1), binary=True)[0].shape == (1, 10)
+
+
+def test_binary_bytes_whose_count_does_not_fit_the_shape_get_a_400(served):
+    element = base64.b64encode(EXAMPLES[0].read_bytes())
+    payload = len(element).to_bytes(4, "little") + element
+    header = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": len(payload)}}]}
+    body, headers = _binary(header, payload)
+    response = httpx.post(f"{served['url']}/v2/models/lenet-image/infer", content=body, headers=headers)
+    assert response.status_code == 400 and "2 whole UTF-8 elements" in response.json()["error"]
+
+
+def test_names_in_urls_create_no_metrics_and_other_routes_are_not_served(served):
+    for index in range(20):
+        assert httpx.post(f"{served['url']}/v2/models/junk{index}/infer", json=_tensor()).status_code == 404
+    metrics = _metrics(served["url"])
+    assert not any("junk" in str(key) for key in metrics)
+    assert metrics[("toolkit_requests_total", (("model", "unknown"), ("status", "404")))] >= 20
+    for path in ("/v1/models/lenet:predict", "/openapi.json", "/docs"):
+        response = httpx.request("POST" if "predict" in path else "GET", served["url"] + path, json={})
+        assert response.status_code == 404 and "v2 protocol" in response.json()["error"], path
+
+
+def test_an_image_request_over_the_pixel_budget_is_refused_before_decoding(served):
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000), 255).save(buffer, "PNG")  # 36 Mpx each, a few KB compressed
+    data = [base64.b64encode(buffer.getvalue()).decode()] * 2
+    body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": data}]}
+    response = httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body, timeout=60)
+    assert response.status_code == 400 and "72,000,000 pixels" in response.json()["error"]

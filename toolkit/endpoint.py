@@ -44,10 +44,14 @@ def _client(url: str) -> Any:
         import tritonclient.http as httpclient
     except ImportError:
         raise ToolkitError("checking an endpoint needs an OIP client: pip install 'toolkit[serve]'") from None
-    parsed = urlparse(url if "://" in url else f"http://{url}")
+    try:
+        parsed = urlparse(url if "://" in url else f"http://{url}")
+        parsed.port  # noqa: B018  (parses the port: raises on a bad one)
+    except ValueError as exc:
+        raise ToolkitError(f"not a valid URL: {url!r} ({exc})", option="endpoint") from None
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ToolkitError(f"not an http(s) URL: {url!r}", option="endpoint")
-    return httpclient.InferenceServerClient(parsed.netloc, ssl=parsed.scheme == "https", network_timeout=120,
+    return httpclient.InferenceServerClient(parsed.netloc, ssl=parsed.scheme == "https", network_timeout=60,
                                             connection_timeout=10)
 
 
@@ -62,8 +66,9 @@ def _call(what: str, url: str, function: Callable[[], Any]) -> Any:
         raise ToolkitError(f"cannot reach {url} for {what}: {type(exc).__name__}: {exc}") from None
 
 
-def oip_runner(client: Any, url: str, model: str) -> Runner:
-    """The tensor model `model` at an OIP endpoint as a Runner (binary tensor extension)."""
+def oip_runner(client: Any, url: str, model: str, classes: int) -> Runner:
+    """The tensor model `model` at an OIP endpoint as a Runner (binary tensor extension); an
+    answer that is not two float arrays [N, classes] is one ToolkitError."""
     import tritonclient.http as httpclient
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +76,14 @@ def oip_runner(client: Any, url: str, model: str) -> Runner:
         tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), binary_data=True)
         outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
         result = _call(f"an infer request to {model}", url, lambda: client.infer(model, [tensor], outputs=outputs))
-        answers = [result.as_numpy(name) for name in OUTPUT_NAMES]
-        if any(answer is None for answer in answers):
-            raise ToolkitError(f"{url}: {model} did not answer {' and '.join(OUTPUT_NAMES)}")
-        return answers[0].astype(np.float32), answers[1].astype(np.float32)
+        try:
+            answers = [np.asarray(result.as_numpy(name), dtype=np.float32) for name in OUTPUT_NAMES]
+        except (ValueError, TypeError) as exc:
+            raise ToolkitError(f"{url}: {model} answered outputs that do not decode: {exc}") from None
+        if any(answer.shape != (len(batch), classes) for answer in answers):
+            raise ToolkitError(f"{url}: {model} answered shapes {[list(a.shape) for a in answers]} for "
+                               f"{len(batch)} images, expected [{len(batch)}, {classes}]")
+        return answers[0], answers[1]
     return run
 
 
@@ -97,8 +106,11 @@ def _image_answers(client: Any, url: str, model: str, files: list[bytes], classe
         tensor = httpclient.InferInput(INPUT_NAME, [len(chunk)], "BYTES")
         tensor.set_data_from_numpy(np.array([base64.b64encode(f) for f in chunk], dtype=object), binary_data=True)
         result = _call(f"an infer request to {model}", url, lambda t=tensor: client.infer(model, [t]))
-        probabilities = result.as_numpy(OUTPUT_NAMES[1])
-        if probabilities is None or probabilities.shape != (len(chunk), classes):
+        try:
+            probabilities = np.asarray(result.as_numpy(OUTPUT_NAMES[1]), dtype=np.float32)
+        except (ValueError, TypeError) as exc:
+            raise ToolkitError(f"{url}: {model} answered probabilities that do not decode: {exc}") from None
+        if probabilities.shape != (len(chunk), classes):
             raise ToolkitError(f"{url}: {model} did not answer probabilities [{len(chunk)}, {classes}]")
         rows.append(probabilities.astype(np.float32))
     return np.concatenate(rows)
@@ -152,7 +164,8 @@ def verify_endpoint(
     started = time.perf_counter()
     if progress:
         progress(model)
-    report.backends[model] = reference.compare(url, "fp32", oip_runner(client, url, model), report)
+    report.backends[model] = reference.compare(url, "fp32", oip_runner(client, url, model, reference.num_classes),
+                                              report)
     image_model = image_model_name(model)
     if _call("a readiness check", url, lambda: client.is_model_ready(image_model)):
         if progress:

@@ -25,6 +25,7 @@ import numpy as np
 
 from toolkit.batching import DynamicBatcher
 from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
+from toolkit.decode import open_image
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import preprocess
 from toolkit.runtime import Predictor
@@ -50,6 +51,7 @@ from kserve.errors import InferenceError, InvalidInput  # noqa: E402
 
 MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
 MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
+MAX_PIXELS_PER_REQUEST = 50_000_000  # all of a request's images together: seconds of work, not minutes
 
 
 def _single_input(request: InferRequest, datatype: str) -> Any:
@@ -65,7 +67,7 @@ def _single_input(request: InferRequest, datatype: str) -> Any:
 def _as_numpy(tensor: Any) -> np.ndarray:
     try:
         return tensor.as_numpy()
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"input {tensor.name!r}: its data does not fit {tensor.datatype} shape "
                            f"{tensor.shape} ({str(exc).splitlines()[0][:120]})") from None
 
@@ -159,6 +161,19 @@ class ImageModel(kserve.Model):
         return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": OUTPUT_NAMES[1], "datatype": "FP32", "shape": [-1, len(self.predictor.class_names)]}]
 
+    @staticmethod
+    def _check_pixels(files: list[bytes]) -> None:
+        total = 0
+        for index, data in enumerate(files):
+            try:
+                width, height = open_image(data).size  # the header only
+            except ToolkitError as exc:
+                raise InvalidInput(f"input {INPUT_NAME!r}[{index}]: {exc}") from None
+            total += width * height
+        if total > MAX_PIXELS_PER_REQUEST:
+            raise InvalidInput(f"the request's images hold {total:,} pixels, more than {MAX_PIXELS_PER_REQUEST:,}; "
+                               "send fewer or smaller images per request")
+
     def _frame(self, index: int, data: bytes) -> np.ndarray | None:
         try:
             return preprocess(data, self.predictor.framing)
@@ -168,6 +183,7 @@ class ImageModel(kserve.Model):
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         files = encoded_images_from(payload)
+        self._check_pixels(files)
         digits = await asyncio.to_thread(lambda: [self._frame(i, data) for i, data in enumerate(files)])
         found = [i for i, digit in enumerate(digits) if digit is not None]
         classes = self.predictor.class_names

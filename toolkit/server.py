@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
 from toolkit.errors import ToolkitError
@@ -40,6 +42,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _BINARY_HEADER = b"inference-header-content-length"
+_SERVED_PATHS = ("/v2/", "/metrics")
+BODY_TIMEOUT_S = 30  # a body that trickles in slower holds a connection and a slot for nothing
+CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
 
 
 @dataclass
@@ -119,42 +124,46 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
     offset = length
     for tensor in inputs:
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        parameters = tensor.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            return f"input {name!r}: parameters must be an object"
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             return f"input {name!r} has no valid shape"
+        size = parameters.get("binary_data_size")
         if size is None:
             continue
         dtype = to_np_dtype(datatype) if isinstance(datatype, str) else None
-        if not isinstance(size, int) or size < 0 or dtype is None:
+        if type(size) is not int or size < 0 or dtype is None:
             return f"input {name!r} has an invalid datatype or binary_data_size"
-        if datatype != "BYTES" and size != math.prod(shape) * dtype().itemsize:
+        if datatype != "BYTES" and size != math.prod(shape) * np.dtype(dtype).itemsize:
             return f"input {name!r}: binary_data_size {size} does not fit {datatype} shape {shape}"
-        if datatype == "BYTES" and not _utf8_elements(body[offset:offset + size]):
+        if datatype == "BYTES" and _utf8_elements(body[offset:offset + size]) != math.prod(shape):
             # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
-            return f"input {name!r}: BYTES elements must be UTF-8 text (send image files base64-encoded)"
+            return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
+                    "(send image files base64-encoded)")
         offset += size
     if offset != len(body):
         return f"the inputs' binary_data_size add up to {offset - length} bytes, the body holds {len(body) - length}"
     return None
 
 
-def _utf8_elements(data: bytes) -> bool:
-    """Whether a serialized BYTES tensor (each element a 4-byte little-endian length, then
-    that many bytes) is whole and every element is UTF-8."""
-    offset = 0
+def _utf8_elements(data: bytes) -> int:
+    """How many elements a serialized BYTES tensor (each a 4-byte little-endian length, then
+    that many bytes) holds; -1 unless it is whole and every element is UTF-8."""
+    offset, count = 0, 0
     while offset < len(data):
         if offset + 4 > len(data):
-            return False
+            return -1
         size = int.from_bytes(data[offset:offset + 4], "little")
         element = data[offset + 4:offset + 4 + size]
         if len(element) != size:
-            return False
+            return -1
         try:
             element.decode("utf-8")
         except UnicodeDecodeError:
-            return False
-        offset += 4 + size
-    return True
+            return -1
+        offset, count = offset + 4 + size, count + 1
+    return count
 
 
 class ProtocolGuard:
@@ -163,17 +172,20 @@ class ProtocolGuard:
     mode sends none), anything unexpected a 500 that keeps the connection; infer requests are
     counted and timed by model and status, and logged at debug level."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY,
+                 models: frozenset[str] = frozenset()) -> None:
+        self.app, self.limit, self.models = app, limit, models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         infer = _INFER_PATH.match(scope["path"])
+        # Series only for the served models: a name in a URL must not create metrics.
+        model = (infer.group(1) if infer.group(1) in self.models else "unknown") if infer else None
         status, started = 500, time.perf_counter()
-        if infer:
-            METRICS["in_flight"].labels(infer.group(1)).inc()
+        if model:
+            METRICS["in_flight"].labels(model).inc()
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -182,7 +194,7 @@ class ProtocolGuard:
             await send(message)
 
         try:
-            await self._guarded(scope, receive, tracked)
+            status = await self._guarded(scope, receive, tracked) or status
         except Exception:
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
             if status == 500:  # nothing sent yet
@@ -190,14 +202,17 @@ class ProtocolGuard:
                     await _answer(send, 500, "internal error; the server log has the details")
         finally:
             seconds = time.perf_counter() - started
-            if infer:
-                model = infer.group(1)
+            if model:
                 METRICS["in_flight"].labels(model).dec()
                 METRICS["requests"].labels(model, str(status)).inc()
                 METRICS["latency"].labels(model).observe(seconds)
             log.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, 1000 * seconds)
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> int | None:
+        """Answers the request; returns CLIENT_GONE when the client left before its body arrived."""
+        if not scope["path"].startswith(_SERVED_PATHS):  # KServe's v1 and docs routes: not this server's
+            await _answer(send, 404, f"not found: {scope['path'][:100]}; this server speaks the v2 protocol")
+            return
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -208,9 +223,13 @@ class ProtocolGuard:
             return
         chunks, size = [], 0
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await _answer(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S} s")
                 return
+            if message["type"] == "http.disconnect":
+                return CLIENT_GONE
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
@@ -237,6 +256,31 @@ class ProtocolGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+        return None
+
+
+def _read_only_repository(extension: Any) -> Any:
+    """KServe's model-repository extension with loading and unloading refused (501): a client
+    must not be able to unload the served model."""
+
+    class ReadOnly(type(extension)):
+        async def load(self, model_name: str) -> None:
+            raise NotImplementedError("models are not loaded or unloaded over the protocol here")
+
+        async def unload(self, model_name: str) -> None:
+            raise NotImplementedError("models are not loaded or unloaded over the protocol here")
+
+    extension.__class__ = ReadOnly
+    return extension
+
+
+class _NoClientErrorTracebacks(logging.Filter):
+    """KServe logs every 400 with a traceback at ERROR; a client's mistake is not a server error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kserve.errors import InvalidInput
+
+        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput))
 
 
 def model_parameters(predictor: Predictor) -> dict[str, Any]:
@@ -305,7 +349,7 @@ def _install_routes(app: Any, dataplane: Any, models: dict[str, TensorModel | Im
     # Before KServe's own routes are added, so this richer metadata answers first.
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_middleware(ProtocolGuard, limit=limit)
+    app.add_middleware(ProtocolGuard, limit=limit, models=frozenset(models))
 
 
 def serve(export_dir: str | Path, options: ServeOptions,
@@ -325,10 +369,12 @@ def serve(export_dir: str | Path, options: ServeOptions,
     for model in (tensor_model, image_model):
         repository.update(model)
     dataplane = DataPlane(model_registry=repository)
-    extension = ModelRepositoryExtension(model_registry=repository)
+    extension = _read_only_repository(ModelRepositoryExtension(model_registry=repository))
+    logging.getLogger("kserve").addFilter(_NoClientErrorTracebacks())
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
     rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
-    _install_routes(app, dataplane, {m.name: m for m in (tensor_model, image_model)}, options.max_body_bytes)
+    models = {m.name: m for m in (tensor_model, image_model)}
+    _install_routes(app, dataplane, models, options.max_body_bytes)
     rest.create_application()
 
     async def run() -> None:
