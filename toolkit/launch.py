@@ -35,12 +35,11 @@ def rss_mb(pid: int) -> float | None:
 
 
 @contextlib.contextmanager
-def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120,
-                   quiet: bool = True) -> Iterator[subprocess.Popen]:
+def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120) -> Iterator[subprocess.Popen]:
     """`toolkit ARGS` in a subprocess, yielded once `ready_url` answers 200; stopped with
     SIGTERM (then killed) on exit. An early exit or a timeout is one ToolkitError."""
-    output = subprocess.DEVNULL if quiet else None
-    process = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=output, stderr=output)
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
         while not answers_200(ready_url):

@@ -48,6 +48,7 @@ def _import_kserve() -> Any:
 kserve = _import_kserve()
 from kserve import InferOutput, InferRequest, InferResponse  # noqa: E402  (after the argv guard)
 from kserve.errors import InferenceError, InvalidInput  # noqa: E402
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension  # noqa: E402
 
 MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
 MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
@@ -122,14 +123,19 @@ async def _run(batcher: DynamicBatcher, images: np.ndarray) -> list[np.ndarray]:
         raise InferenceError(str(exc)) from None
 
 
-class TensorModel(kserve.Model):
-    """The exported ONNX model under its own contract: pixels in, logits and probabilities out."""
+class ExportModel(kserve.Model):
+    """A model of one export: its Predictor, the batcher it shares, and the parameters its
+    metadata shows. Ready once built (the Predictor has loaded and checked the export)."""
 
     def __init__(self, name: str, predictor: Predictor, batcher: DynamicBatcher,
                  parameters: dict[str, Any]) -> None:
         super().__init__(name)
         self.predictor, self.batcher, self.parameters = predictor, batcher, parameters
         self.ready = True
+
+
+class TensorModel(ExportModel):
+    """The exported ONNX model under its own contract: pixels in, logits and probabilities out."""
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *IMAGE_SHAPE]}]
@@ -145,14 +151,8 @@ class TensorModel(kserve.Model):
                                          _output(OUTPUT_NAMES[1], probabilities, "FP32")])
 
 
-class ImageModel(kserve.Model):
+class ImageModel(ExportModel):
     """Encoded images in, framed as the demo frames them, label and probabilities out."""
-
-    def __init__(self, name: str, predictor: Predictor, batcher: DynamicBatcher,
-                 parameters: dict[str, Any]) -> None:
-        super().__init__(name)
-        self.predictor, self.batcher, self.parameters = predictor, batcher, parameters
-        self.ready = True
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
@@ -195,3 +195,14 @@ class ImageModel(kserve.Model):
             labels[found] = [classes[k] for k in found_probabilities.argmax(axis=1)]
         return _response(self, payload, [_output("label", labels, "BYTES"),
                                          _output(OUTPUT_NAMES[1], probabilities, "FP32")])
+
+
+class ReadOnlyRepositoryExtension(ModelRepositoryExtension):
+    """KServe's model-repository extension with loading and unloading refused (501): a client
+    must not be able to unload the served model."""
+
+    async def load(self, model_name: str) -> None:
+        raise NotImplementedError("models are not loaded or unloaded over the protocol here")
+
+    async def unload(self, model_name: str) -> None:
+        raise NotImplementedError("models are not loaded or unloaded over the protocol here")

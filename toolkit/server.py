@@ -19,7 +19,7 @@ import socket
 import time
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
 from toolkit.errors import ToolkitError
-from toolkit.oip import ImageModel, TensorModel
+from toolkit.oip import ExportModel, ImageModel, ReadOnlyRepositoryExtension, TensorModel
 from toolkit.runtime import Predictor
 
 log = logging.getLogger("toolkit.serve")
@@ -61,7 +61,6 @@ class ServeOptions:
     max_batch_delay_ms: float = DEFAULT_MAX_DELAY_MS
     check_integrity: bool = True
     max_body_bytes: int = MAX_BODY
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 1 <= self.max_batch_size <= 4096:
@@ -106,7 +105,7 @@ async def _answer(send: Send, status: int, message: str) -> None:
 def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
     """What is wrong with a request in the binary tensor extension's framing, or None: the JSON
     header's length, the header itself, and each input's `binary_data_size` against its shape."""
-    from kserve.utils.numpy_codec import to_np_dtype
+    from kserve.utils.numpy_codec import to_np_dtype  # kserve only after toolkit.oip's argv guard
 
     try:
         length = int(header_length)
@@ -259,21 +258,6 @@ class ProtocolGuard:
         return None
 
 
-def _read_only_repository(extension: Any) -> Any:
-    """KServe's model-repository extension with loading and unloading refused (501): a client
-    must not be able to unload the served model."""
-
-    class ReadOnly(type(extension)):
-        async def load(self, model_name: str) -> None:
-            raise NotImplementedError("models are not loaded or unloaded over the protocol here")
-
-        async def unload(self, model_name: str) -> None:
-            raise NotImplementedError("models are not loaded or unloaded over the protocol here")
-
-    extension.__class__ = ReadOnly
-    return extension
-
-
 class _NoClientErrorTracebacks(logging.Filter):
     """KServe logs every 400 with a traceback at ERROR; a client's mistake is not a server error."""
 
@@ -303,7 +287,7 @@ def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorM
     options.validate()
     predictor = Predictor(export_dir, provider=options.provider, threads=options.threads,
                           check_integrity=options.check_integrity)
-    name = options.name or serving_name(Path(export_dir) if Path(export_dir).is_dir() else Path(export_dir).parent)
+    name = options.name or serving_name(predictor.path.parent)  # the export dir, or a bare .onnx's folder
 
     def counted(images: int, requests: int) -> None:
         METRICS["batch_images"].observe(images)
@@ -330,7 +314,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _install_routes(app: Any, dataplane: Any, models: dict[str, TensorModel | ImageModel], limit: int) -> None:
+def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], limit: int) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
@@ -359,7 +343,6 @@ def serve(export_dir: str | Path, options: ServeOptions,
     from kserve.model_repository import ModelRepository
     from kserve.model_server import app
     from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
     from kserve.protocol.rest.server import RESTServer
 
     tensor_model, image_model, batcher = build_models(export_dir, options)
@@ -369,7 +352,7 @@ def serve(export_dir: str | Path, options: ServeOptions,
     for model in (tensor_model, image_model):
         repository.update(model)
     dataplane = DataPlane(model_registry=repository)
-    extension = _read_only_repository(ModelRepositoryExtension(model_registry=repository))
+    extension = ReadOnlyRepositoryExtension(model_registry=repository)
     logging.getLogger("kserve").addFilter(_NoClientErrorTracebacks())
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
     rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
