@@ -190,6 +190,8 @@ MALFORMED = {
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "parameters": [1]}]}, bytes(3136)),
     "binary shape of booleans": _binary(
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "shape": [True, 1, 28, 28]}]}, bytes(3136)),
+    "binary header input without datatype": _binary(
+        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "data": [0.5] * 784}]}, b""),
     "binary BOOL tensor": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
                      "parameters": {"binary_data_size": 784}}]}, bytes(784)),

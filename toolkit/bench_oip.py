@@ -1,5 +1,6 @@
 """Load on `toolkit serve`: throughput and latency at several client counts, with dynamic
-batching on and off, for tensor requests (JSON and the binary extension) and image requests.
+batching on and off, for tensor requests (JSON and the binary extension) and image requests,
+beside a bare endpoint that only parses a request and runs onnxruntime.
 
 The load is `tritonclient.http`, the client a user of Triton or KServe would point at it, one
 synchronous client with a keep-alive connection per thread (its asyncio client spends more
@@ -9,6 +10,7 @@ CPU than the server on a small machine, and would measure itself).
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import threading
 import time
@@ -18,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from toolkit.bench import machine, percentile_us
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
+from toolkit.decode import load_image
 from toolkit.errors import ToolkitError
-from toolkit.launch import free_port, rss_mb, toolkit_server
+from toolkit.launch import free_port, rss_mb, server_process, toolkit_server
 from toolkit.preprocess import preprocess
 
 KINDS = ("tensor-json", "tensor-binary", "image")
+IMAGE_SIDES = (28, 112, 400)  # image requests: the example digits as PNG files of these sizes
+BASELINE_MODEL_ENV = "TOOLKIT_BASELINE_ONNX"
 MALFORMED_BODY = b'{"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.5]}]}'
 
 
@@ -91,35 +97,94 @@ def drive(url: str, model: str, kind: str, *, clients: int, requests: int, image
     }
 
 
+def bare_endpoint() -> Any:
+    """The baseline: an ASGI app that parses an OIP infer request (JSON, or the binary extension
+    for one FP32 input), runs onnxruntime on the model named by $TOOLKIT_BASELINE_ONNX and
+    answers JSON, with no checks, batching, metrics or framework. What a request costs at
+    least, measured in the same run as `toolkit serve`; a uvicorn factory."""
+    import json
+    import os
+
+    import onnxruntime as ort
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    session = ort.InferenceSession(os.environ[BASELINE_MODEL_ENV], providers=["CPUExecutionProvider"])
+
+    async def infer(request: Request) -> Response:
+        body = await request.body()
+        length = request.headers.get("inference-header-content-length")
+        header = json.loads(body[:int(length)] if length else body)
+        tensor = header["inputs"][0]
+        shape = tensor["shape"]
+        pixels = (np.frombuffer(body[int(length):], dtype=np.float32) if length
+                  else np.asarray(tensor["data"], dtype=np.float32)).reshape(shape)
+        outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels})
+        return JSONResponse({"model_name": request.path_params["model"], "outputs": [
+            {"name": name, "datatype": "FP32", "shape": list(value.shape), "data": value.ravel().tolist()}
+            for name, value in zip(OUTPUT_NAMES, outputs, strict=True)]})
+
+    async def ready(_: Request) -> Response:
+        return Response(status_code=200)
+
+    return Starlette(routes=[Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+                             Route("/v2/health/ready", ready)])
+
+
+def _image_files(examples: list[Path]) -> list[bytes]:
+    files = []
+    for path, side in itertools.product(examples, IMAGE_SIDES):
+        buffer = io.BytesIO()
+        load_image(path).convert("L").resize((side, side), Image.Resampling.BILINEAR).save(buffer, "PNG")
+        files.append(buffer.getvalue())
+    return files
+
+
 def bench_oip(export_dir: str | Path, examples: list[Path], *,
               clients: tuple[int, ...] = (1, 16, 64), requests: int = 2000, kinds: tuple[str, ...] = KINDS,
-              batching: tuple[bool, ...] = (True, False), malformed_every: int = 0,
+              batching: tuple[bool, ...] = (True, False), malformed_every: int = 0, baseline: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every combination of batching, kind and client count against `toolkit serve`, one server
-    per batching setting, with its memory before and after; the requests carry `examples`
-    (image files), as pixels or as files."""
+    per batching setting, with its memory after each run; the requests carry `examples` (image
+    files) as pixels, or as PNG files of 28 to 400 px. With `baseline`, the tensor kinds also
+    against `bare_endpoint` in the same run."""
+    import os
+
     if requests <= 0 or not clients or min(clients) <= 0:
         raise ToolkitError("`clients` and `requests` must be positive")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ToolkitError(f"unknown request kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
-    files = [path.read_bytes() for path in examples]
+    files = _image_files(examples)
     framed = [preprocess(path) for path in examples]
     images = np.stack([digit[None] for digit in framed if digit is not None]).astype(np.float32)
     model = serving_name(export_dir)
-    runs, servers = [], []
+    runs: list[dict[str, Any]] = []
+
+    def measure(server: str, url: str, pid: int, kinds: tuple[str, ...]) -> None:
+        for kind, count in itertools.product(kinds, clients):
+            log(f"{server}: {count} clients, {requests} {kind} requests")
+            run = drive(url, model, kind, clients=count, requests=requests, images=images, files=files,
+                        malformed_every=malformed_every if server != "bare endpoint" else 0)
+            runs.append({"server": server, **run, "server_rss_mb_after": rss_mb(pid)})
+
     for batched in batching:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         args = ["serve", str(export_dir), "--port", str(port), "--provider", "cpu",
                 *([] if batched else ["--max-batch-size", "1"])]
         with toolkit_server(args, ready_url=f"{url}/v2/health/ready") as server:
-            memory_before = rss_mb(server.pid)
-            for kind, count in itertools.product(kinds, clients):
-                log(f"batching {'on' if batched else 'off'}: {count} clients, {requests} {kind} requests")
-                run = drive(url, model, kind, clients=count, requests=requests, images=images, files=files,
-                            malformed_every=malformed_every)
-                runs.append({"batching": batched, **run})
-            servers.append({"batching": batched, "rss_mb_before": memory_before, "rss_mb_after": rss_mb(server.pid)})
+            measure(f"toolkit serve, batching {'on' if batched else 'off'}", url, server.pid, kinds)
+    tensor_kinds = tuple(kind for kind in kinds if kind != "image")
+    if baseline and tensor_kinds:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, BASELINE_MODEL_ENV: str(Path(export_dir) / "model.onnx")}
+        command = ["uvicorn", "toolkit.bench_oip:bare_endpoint", "--factory", "--port", str(port),
+                   "--no-access-log", "--log-level", "warning"]
+        with server_process(command, ready_url=f"{url}/v2/health/ready", env=env) as server:
+            measure("bare endpoint", url, server.pid, tensor_kinds)
     return {"kind": "serve-oip", "machine": machine(), "export": str(export_dir), "model": model,
-            "requests_per_run": requests, "runs": runs, "servers": servers}
+            "requests_per_run": requests, "image_sides": list(IMAGE_SIDES), "runs": runs}

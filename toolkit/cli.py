@@ -631,6 +631,8 @@ def bench_serve_command(
     kinds: Annotated[str, typer.Option(
         help="serve: request kinds, from tensor-json, tensor-binary, image.")] = "tensor-json,tensor-binary,image",
     batching: Annotated[str, typer.Option(help="serve: dynamic batching on, off, or both (on,off).")] = "on,off",
+    baseline: Annotated[bool, typer.Option(
+        help="serve: also measure a bare endpoint (parse, onnxruntime, answer) in the same run.")] = True,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
     """Start a server and drive concurrent clients at it: the Gradio demo, or `toolkit serve`."""
@@ -638,7 +640,7 @@ def bench_serve_command(
     export_dir = export_dir or newest_export_dir()
     if server == Server.serve:
         _bench_oip(export_dir, _client_counts(clients or "1,16,64"), requests or 2000, malformed_every,
-                   tuple(kinds.split(",")), batching, json_path)
+                   tuple(kinds.split(",")), batching, baseline, json_path)
         return
     from toolkit.bench import bench_serve
 
@@ -666,7 +668,7 @@ def bench_serve_command(
 
 
 def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malformed_every: int,
-               kinds: tuple[str, ...], batching: str, json_path: Path) -> None:
+               kinds: tuple[str, ...], batching: str, baseline: bool, json_path: Path) -> None:
     from rich.table import Table
 
     from toolkit.bench_oip import bench_oip
@@ -677,18 +679,16 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
         raise ToolkitError(f"must be on, off or on,off, got {batching!r}", option="batching")
     result = bench_oip(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
                        requests=requests, kinds=kinds, batching=chosen, malformed_every=malformed_every,
-                       log=console.print)
-    table = Table(title=f"toolkit serve {export_dir}: {requests} requests per run")
-    for column in ("batching", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors"):
-        table.add_column(column, justify="left" if column in ("batching", "requests") else "right")
+                       baseline=baseline, log=console.print)
+    table = Table(title=f"{export_dir}: {requests} requests per run")
+    for column in ("server", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors", "server MB"):
+        table.add_column(column, justify="left" if column in ("server", "requests") else "right")
     for run in result["runs"]:
-        table.add_row("on" if run["batching"] else "off", run["kind"], str(run["clients"]),
-                      f"{run['throughput_rps']:.0f}", *(f"{run[k]:.1f}" if run[k] is not None else "n/a"
-                                                       for k in ("p50_ms", "p99_ms")), str(run["errors"]))
+        figures = (f"{run[k]:.1f}" if run[k] is not None else "n/a" for k in ("p50_ms", "p99_ms"))
+        memory = run["server_rss_mb_after"]
+        table.add_row(run["server"], run["kind"], str(run["clients"]), f"{run['throughput_rps']:.0f}", *figures,
+                      str(run["errors"]), "n/a" if memory is None else f"{memory:.0f}")
     console.print(table)
-    for memory in result["servers"]:
-        console.print(f"server (batching {'on' if memory['batching'] else 'off'}) memory: "
-                      f"{memory['rss_mb_before']:.0f} -> {memory['rss_mb_after']:.0f} MB", highlight=False)
     _write_bench_json(json_path, result)
 
 

@@ -1,4 +1,5 @@
-"""Toolkit servers (`demo`, `serve`) in a subprocess: a free port, start, wait until ready, stop.
+"""Servers (`toolkit demo`, `toolkit serve`, a benchmark's baseline) in a subprocess: a free
+port, start, wait until ready, stop.
 
 Benchmarks and tests measure a server the way a user runs it, in its own process, and need it
 to be ready before the first request, not merely started."""
@@ -34,19 +35,27 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def toolkit_server(args: list[str], *, ready_url: str,
+                   timeout: float = 120) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """`toolkit ARGS` in a subprocess, yielded once `ready_url` answers 200 (see `server_process`)."""
+    return server_process(["toolkit", *args], ready_url=ready_url, timeout=timeout)
+
+
 @contextlib.contextmanager
-def toolkit_server(args: list[str], *, ready_url: str, timeout: float = 120) -> Iterator[subprocess.Popen]:
-    """`toolkit ARGS` in a subprocess, yielded once `ready_url` answers 200; stopped with
-    SIGTERM (then killed) on exit. An early exit or a timeout is one ToolkitError."""
-    process = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+def server_process(module_args: list[str], *, ready_url: str, timeout: float = 120,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`python -m MODULE ARGS` in a subprocess, yielded once `ready_url` answers 200; stopped
+    with SIGTERM (then killed) on exit. An early exit or a timeout is one ToolkitError."""
+    process = subprocess.Popen([sys.executable, "-m", *module_args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    what = " ".join(module_args[:2])
     try:
         deadline = time.monotonic() + timeout
         while not answers_200(ready_url):
             if process.poll() is not None:
-                raise ToolkitError(f"`toolkit {args[0]}` exited with {process.returncode} before it was ready")
+                raise ToolkitError(f"`{what}` exited with {process.returncode} before it was ready")
             if time.monotonic() > deadline:
-                raise ToolkitError(f"`toolkit {args[0]}` was not ready at {ready_url} after {timeout:.0f} s")
+                raise ToolkitError(f"`{what}` was not ready at {ready_url} after {timeout:.0f} s")
             time.sleep(0.2)
         yield process
     finally:
