@@ -69,3 +69,23 @@ def test_bench_serve_drives_concurrent_clients(export_dir, tmp_path):
 def test_bench_rejects_bad_batch_sizes(export_dir):
     result = run_cli("bench", "infer", export_dir, "--batch-sizes", "1,x")
     assert result.returncode != 0 and "--batch-sizes must be integers" in result.stderr
+
+
+@pytest.mark.slow  # starts three servers
+def test_bench_serve_oip_measures_every_server_kind_and_client_count(quick_export, tmp_path):
+    out = tmp_path / "serve-oip.json"
+    result = run_cli("bench", "serve", quick_export, "--server", "serve", "--clients", "1,3", "--requests", "10",
+                     "--rounds", "2", "--malformed-every", "5", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    runs = {(r["server"], r["kind"], r["clients"]): r for r in data["runs"]}
+    servers = ("toolkit serve, batching on", "toolkit serve, batching off", "bare endpoint")
+    kinds = ("tensor-json", "tensor-binary", "image")
+    expected = {(s, k, c) for s in servers for k in kinds for c in (1, 3) if (s, k) != ("bare endpoint", "image")}
+    assert set(runs) == expected
+    for (server, _, _), run in runs.items():
+        assert run["errors"] == 0, run["error_examples"]  # malformed requests got their 400
+        assert run["rounds"] == 2 and run["throughput_rps"] > 0 and run["p99_ms"] >= run["p50_ms"] > 0
+        assert run["malformed_requests"] == (0 if server == "bare endpoint" else 4)
+    assert all(s["rss_mb_before"] > 0 and s["rss_mb_after"] > 0 for s in data["servers"])
+    assert "medians of 2 rounds" in result.stdout

@@ -103,8 +103,17 @@ def test_grpc_answers_as_rest_does(served, local):
     client = grpcclient.InferenceServerClient(served["grpc"])
     tensor = grpcclient.InferInput("image", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
+    before = _metrics(served["url"])
     result = client.infer("lenet", [tensor])
     np.testing.assert_allclose(result.as_numpy("logits"), local.run(images)[0], atol=1e-5, rtol=1e-5)
+    wrong = grpcclient.InferInput("image", [1, 28, 28], "FP32")
+    wrong.set_data_from_numpy(images[0])
+    with pytest.raises(InferenceServerException, match="shape"):
+        client.infer("lenet", [wrong])
+    after = _metrics(served["url"])
+    for status in ("OK", "INVALID_ARGUMENT"):  # gRPC calls are counted as REST ones are
+        key = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "grpc"), ("status", status)))
+        assert after[key] - before.get(key, 0) == 1, status
 
 
 def test_a_request_without_an_id_is_answered_and_an_id_is_echoed(served):
@@ -241,9 +250,9 @@ def test_metrics_count_requests_by_model_and_status_and_time_them(served):
     httpx.post(f"{served['url']}/v2/models/lenet/infer", content=b"{", headers={"Content-Type": "application/json"})
     _infer(served["host"], _images(2), binary=False)
     metrics = _metrics(served["url"])
-    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("status", "200")))] >= 1
-    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("status", "400")))] >= 1
-    assert metrics[("toolkit_request_seconds_count", (("model", "lenet"),))] >= 2
+    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "200")))] >= 1
+    assert metrics[("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "400")))] >= 1
+    assert metrics[("toolkit_request_seconds_count", (("model", "lenet"), ("protocol", "rest")))] >= 2
     assert metrics[("toolkit_batch_images_count", ())] >= 1
 
 
@@ -275,7 +284,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export):
                    for _ in range(4)]
         for thread in threads:
             thread.start()
-        while _metrics(url).get(("toolkit_requests_in_flight", (("model", "lenet"),)), 0) < 4:
+        while _metrics(url).get(("toolkit_requests_in_flight", (("model", "lenet"), ("protocol", "rest"))), 0) < 4:
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
@@ -348,7 +357,7 @@ def test_names_in_urls_create_no_metrics_and_other_routes_are_not_served(served)
         assert httpx.post(f"{served['url']}/v2/models/junk{index}/infer", json=_tensor()).status_code == 404
     metrics = _metrics(served["url"])
     assert not any("junk" in str(key) for key in metrics)
-    assert metrics[("toolkit_requests_total", (("model", "unknown"), ("status", "404")))] >= 20
+    assert metrics[("toolkit_requests_total", (("model", "unknown"), ("protocol", "rest"), ("status", "404")))] >= 20
     for path in ("/v1/models/lenet:predict", "/openapi.json", "/docs"):
         response = httpx.request("POST" if "predict" in path else "GET", served["url"] + path, json={})
         assert response.status_code == 404 and "v2 protocol" in response.json()["error"], path

@@ -10,8 +10,10 @@ CPU than the server on a small machine, and would measure itself).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from toolkit.preprocess import preprocess
 KINDS = ("tensor-json", "tensor-binary", "image")
 IMAGE_SIDES = (28, 112, 400)  # image requests: the example digits as PNG files of these sizes
 BASELINE_MODEL_ENV = "TOOLKIT_BASELINE_ONNX"
+BARE = "bare endpoint"
 MALFORMED_BODY = b'{"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.5]}]}'
 
 
@@ -145,15 +148,17 @@ def _image_files(examples: list[Path]) -> list[bytes]:
 def bench_oip(export_dir: str | Path, examples: list[Path], *,
               clients: tuple[int, ...] = (1, 16, 64), requests: int = 2000, kinds: tuple[str, ...] = KINDS,
               batching: tuple[bool, ...] = (True, False), malformed_every: int = 0, baseline: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every combination of batching, kind and client count against `toolkit serve`, one server
-    per batching setting, with its memory after each run; the requests carry `examples` (image
-    files) as pixels, or as PNG files of 28 to 400 px. With `baseline`, the tensor kinds also
-    against `bare_endpoint` in the same run."""
+              rounds: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every combination of kind and client count against `toolkit serve` with each batching
+    setting (and, with `baseline`, the tensor kinds against `bare_endpoint`). All servers run at
+    once and take turns over `rounds` rounds, so a machine that drifts mid-run hits each alike;
+    a run's figures are the medians over its rounds. The requests carry `examples` (image files)
+    as pixels, or as PNG files of 28 to 400 px. Server memory is read at start, after each run
+    (a soak: many rounds of one kind) and at the end."""
     import os
 
-    if requests <= 0 or not clients or min(clients) <= 0:
-        raise ToolkitError("`clients` and `requests` must be positive")
+    if requests <= 0 or rounds <= 0 or not clients or min(clients) <= 0:
+        raise ToolkitError("`clients`, `requests` and `rounds` must be positive")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ToolkitError(f"unknown request kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
@@ -161,30 +166,52 @@ def bench_oip(export_dir: str | Path, examples: list[Path], *,
     framed = [preprocess(path) for path in examples]
     images = np.stack([digit[None] for digit in framed if digit is not None]).astype(np.float32)
     model = serving_name(export_dir)
-    runs: list[dict[str, Any]] = []
-
-    def measure(server: str, url: str, pid: int, kinds: tuple[str, ...]) -> None:
-        for kind, count in itertools.product(kinds, clients):
-            log(f"{server}: {count} clients, {requests} {kind} requests")
-            run = drive(url, model, kind, clients=count, requests=requests, images=images, files=files,
-                        malformed_every=malformed_every if server != "bare endpoint" else 0)
-            runs.append({"server": server, **run, "server_rss_mb_after": rss_mb(pid)})
-
-    for batched in batching:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        args = ["serve", str(export_dir), "--port", str(port), "--provider", "cpu",
-                *([] if batched else ["--max-batch-size", "1"])]
-        with toolkit_server(args, ready_url=f"{url}/v2/health/ready") as server:
-            measure(f"toolkit serve, batching {'on' if batched else 'off'}", url, server.pid, kinds)
-    tensor_kinds = tuple(kind for kind in kinds if kind != "image")
-    if baseline and tensor_kinds:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, BASELINE_MODEL_ENV: str(Path(export_dir) / "model.onnx")}
-        command = ["uvicorn", "toolkit.bench_oip:bare_endpoint", "--factory", "--port", str(port),
-                   "--no-access-log", "--log-level", "warning"]
-        with server_process(command, ready_url=f"{url}/v2/health/ready", env=env) as server:
-            measure("bare endpoint", url, server.pid, tensor_kinds)
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, Any]] = {}
+        for batched in batching:
+            port = free_port()
+            args = ["serve", str(export_dir), "--port", str(port), "--provider", "cpu",
+                    *([] if batched else ["--max-batch-size", "1"])]
+            url = f"http://127.0.0.1:{port}"
+            servers[f"toolkit serve, batching {'on' if batched else 'off'}"] = (url, stack.enter_context(
+                toolkit_server(args, ready_url=f"{url}/v2/health/ready")))
+        if baseline and any(kind != "image" for kind in kinds):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            env = {**os.environ, BASELINE_MODEL_ENV: str(Path(export_dir) / "model.onnx")}
+            command = ["uvicorn", "toolkit.bench_oip:bare_endpoint", "--factory", "--port", str(port),
+                       "--no-access-log", "--log-level", "warning"]
+            servers[BARE] = (url, stack.enter_context(
+                server_process(command, ready_url=f"{url}/v2/health/ready", env=env)))
+        memory_before = {name: rss_mb(process.pid) for name, (_, process) in servers.items()}
+        measured: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        for round_number, kind, count in itertools.product(range(1, rounds + 1), kinds, clients):
+            for name, (url, process) in servers.items():
+                if name == BARE and kind == "image":
+                    continue
+                log(f"round {round_number}/{rounds}: {name}, {count} clients, {requests} {kind} requests")
+                run = drive(url, model, kind, clients=count, requests=requests, images=images, files=files,
+                            malformed_every=0 if name == BARE else malformed_every)
+                measured.setdefault((name, kind, count), []).append({**run, "server_rss_mb": rss_mb(process.pid)})
+        memory_after = {name: rss_mb(process.pid) for name, (_, process) in servers.items()}
+    runs = [_median_run(name, results) for (name, _, _), results in measured.items()]
     return {"kind": "serve-oip", "machine": machine(), "export": str(export_dir), "model": model,
-            "requests_per_run": requests, "image_sides": list(IMAGE_SIDES), "runs": runs}
+            "requests_per_run": requests, "rounds": rounds, "image_sides": list(IMAGE_SIDES), "runs": runs,
+            "servers": [{"server": name, "rss_mb_before": memory_before[name], "rss_mb_after": memory_after[name]}
+                        for name in servers]}
+
+
+def _median_run(server: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures over its rounds: medians of the rates and percentiles, errors summed."""
+    def median(key: str) -> float | None:
+        values = [r[key] for r in results if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    first = results[0]
+    return {"server": server, "kind": first["kind"], "clients": first["clients"], "requests": first["requests"],
+            "rounds": len(results), "malformed_requests": sum(r["malformed_requests"] for r in results),
+            "errors": sum(r["errors"] for r in results),
+            "error_examples": [e for r in results for e in r["error_examples"]][:3],
+            "throughput_rps": median("throughput_rps"), "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
+            "throughput_rps_each_round": [r["throughput_rps"] for r in results],
+            "server_rss_mb_each_round": [r["server_rss_mb"] for r in results]}

@@ -633,6 +633,7 @@ def bench_serve_command(
     batching: Annotated[str, typer.Option(help="serve: dynamic batching on, off, or both (on,off).")] = "on,off",
     baseline: Annotated[bool, typer.Option(
         help="serve: also measure a bare endpoint (parse, onnxruntime, answer) in the same run.")] = True,
+    rounds: Annotated[int, typer.Option(min=1, help="serve: rounds the servers take turns over.")] = 3,
     json_path: JsonOption = BENCH_DIR / "bench-serve.json",
 ) -> None:
     """Start a server and drive concurrent clients at it: the Gradio demo, or `toolkit serve`."""
@@ -640,7 +641,7 @@ def bench_serve_command(
     export_dir = export_dir or newest_export_dir()
     if server == Server.serve:
         _bench_oip(export_dir, _client_counts(clients or "1,16,64"), requests or 2000, malformed_every,
-                   tuple(kinds.split(",")), batching, baseline, json_path)
+                   tuple(kinds.split(",")), batching, baseline, rounds, json_path)
         return
     from toolkit.bench import bench_serve
 
@@ -668,7 +669,7 @@ def bench_serve_command(
 
 
 def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malformed_every: int,
-               kinds: tuple[str, ...], batching: str, baseline: bool, json_path: Path) -> None:
+               kinds: tuple[str, ...], batching: str, baseline: bool, rounds: int, json_path: Path) -> None:
     from rich.table import Table
 
     from toolkit.bench_oip import bench_oip
@@ -679,16 +680,19 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
         raise ToolkitError(f"must be on, off or on,off, got {batching!r}", option="batching")
     result = bench_oip(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
                        requests=requests, kinds=kinds, batching=chosen, malformed_every=malformed_every,
-                       baseline=baseline, log=console.print)
-    table = Table(title=f"{export_dir}: {requests} requests per run")
-    for column in ("server", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors", "server MB"):
+                       baseline=baseline, rounds=rounds, log=console.print)
+    table = Table(title=f"{export_dir}: {requests} requests per run, medians of {rounds} rounds")
+    for column in ("server", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors"):
         table.add_column(column, justify="left" if column in ("server", "requests") else "right")
-    for run in result["runs"]:
+    for run in sorted(result["runs"], key=lambda r: (r["kind"], r["clients"], r["server"])):
         figures = (f"{run[k]:.1f}" if run[k] is not None else "n/a" for k in ("p50_ms", "p99_ms"))
-        memory = run["server_rss_mb_after"]
         table.add_row(run["server"], run["kind"], str(run["clients"]), f"{run['throughput_rps']:.0f}", *figures,
-                      str(run["errors"]), "n/a" if memory is None else f"{memory:.0f}")
+                      str(run["errors"]))
     console.print(table)
+    for server in result["servers"]:
+        before, after = (f"{server[k]:.0f}" if server[k] is not None else "n/a" for k in ("rss_mb_before",
+                                                                                       "rss_mb_after"))
+        console.print(f"{server['server']}: memory {before} -> {after} MB", highlight=False)
     _write_bench_json(json_path, result)
 
 

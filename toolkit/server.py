@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from grpc_interceptor import AsyncServerInterceptor
 
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
@@ -43,7 +44,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
-BODY_TIMEOUT_S = 30  # a body that trickles in slower holds a connection and a slot for nothing
+BODY_TIMEOUT_S = 30  # longest wait for a body's next bytes: a stalled client holds a slot for nothing
 CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
 
 
@@ -80,11 +81,12 @@ def _metrics() -> dict[str, Any]:
 
     return {
         "in_flight": Gauge("toolkit_requests_in_flight", "Inference requests received and not yet answered",
-                           ["model"]),
-        "requests": Counter("toolkit_requests", "Inference requests by model and HTTP status",
-                            ["model", "status"]),
+                           ["model", "protocol"]),
+        "requests": Counter("toolkit_requests", "Inference requests by model, protocol (rest, grpc) and status "
+                            "(an HTTP status, or a gRPC status code's name)", ["model", "protocol", "status"]),
         "latency": Histogram("toolkit_request_seconds", "Inference request latency, received to answered",
-                             ["model"], buckets=(.001, .002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5)),
+                             ["model", "protocol"],
+                             buckets=(.001, .002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5)),
         "batch_images": Histogram("toolkit_batch_images", "Images per model run (dynamic batching)",
                                   buckets=tuple(2.0 ** k for k in range(13))),
         "batch_requests": Histogram("toolkit_batch_requests", "Requests merged into one model run",
@@ -93,6 +95,23 @@ def _metrics() -> dict[str, Any]:
 
 
 METRICS = _metrics()
+
+
+@contextlib.contextmanager
+def _counted(model: str, protocol: str) -> Any:
+    """Counts one inference request of `model` in flight, then by the status the caller sets
+    on the yielded dict, with its latency."""
+    outcome = {"status": "500"}
+    METRICS["in_flight"].labels(model, protocol).inc()
+    started = time.perf_counter()
+    try:
+        yield outcome
+    finally:
+        seconds = time.perf_counter() - started
+        METRICS["in_flight"].labels(model, protocol).dec()
+        METRICS["requests"].labels(model, protocol, outcome["status"]).inc()
+        METRICS["latency"].labels(model, protocol).observe(seconds)
+        log.debug("%s %s %s %.1f ms", protocol, model, outcome["status"], 1000 * seconds)
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -171,7 +190,7 @@ class ProtocolGuard:
     """ASGI middleware in front of KServe's app: bodies over `limit` get a 413 unread, malformed
     binary framing a 400, a body without a content type is read as JSON (tritonclient's JSON
     mode sends none), anything unexpected a 500 that keeps the connection; infer requests are
-    counted and timed by model and status, and logged at debug level."""
+    counted and timed by model and status (`_counted`), and logged at debug level."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY,
                  models: frozenset[str] = frozenset()) -> None:
@@ -182,11 +201,17 @@ class ProtocolGuard:
             await self.app(scope, receive, send)
             return
         infer = _INFER_PATH.match(scope["path"])
+        if not infer:
+            await self._answered(scope, receive, send)
+            return
         # Series only for the served models: a name in a URL must not create metrics.
-        model = (infer.group(1) if infer.group(1) in self.models else "unknown") if infer else None
-        status, started = 500, time.perf_counter()
-        if model:
-            METRICS["in_flight"].labels(model).inc()
+        model = infer.group(1) if infer.group(1) in self.models else "unknown"
+        with _counted(model, "rest") as outcome:
+            outcome["status"] = str(await self._answered(scope, receive, send))
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """The request answered (or a 500 if something unexpected broke); its status."""
+        status = 500
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -201,13 +226,7 @@ class ProtocolGuard:
             if status == 500:  # nothing sent yet
                 with contextlib.suppress(Exception):
                     await _answer(send, 500, "internal error; the server log has the details")
-        finally:
-            seconds = time.perf_counter() - started
-            if model:
-                METRICS["in_flight"].labels(model).dec()
-                METRICS["requests"].labels(model, str(status)).inc()
-                METRICS["latency"].labels(model).observe(seconds)
-            log.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, 1000 * seconds)
+        return status
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> int | None:
         """Answers the request; returns CLIENT_GONE when the client left before its body arrived."""
@@ -260,13 +279,14 @@ class ProtocolGuard:
         return None
 
 
-class _NoClientErrorTracebacks(logging.Filter):
-    """KServe logs every 400 with a traceback at ERROR; a client's mistake is not a server error."""
+class _ExpectedTracebacks(logging.Filter):
+    """Drops the tracebacks of what is not a server error: KServe logs every 400 (a client's
+    mistake) at ERROR, and uvicorn every request still open when shutdown cancels it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from kserve.errors import InvalidInput
 
-        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput))
+        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput | asyncio.CancelledError))
 
 
 def _drop_timing_middleware(app: Any) -> None:
@@ -363,7 +383,8 @@ def serve(export_dir: str | Path, options: ServeOptions,
         repository.update(model)
     dataplane = BinaryKeepingDataPlane(model_registry=repository)
     extension = ReadOnlyRepositoryExtension(model_registry=repository)
-    logging.getLogger("kserve").addFilter(_NoClientErrorTracebacks())
+    for logger in ("kserve", "uvicorn.error"):
+        logging.getLogger(logger).addFilter(_ExpectedTracebacks())
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
     rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
     models = {m.name: m for m in (tensor_model, image_model)}
@@ -376,7 +397,7 @@ def serve(export_dir: str | Path, options: ServeOptions,
         grpc = None
         if grpc_sock is not None:
             grpc_sock.close()  # grpc binds by address; the check above made sure it was free
-            grpc = await _start_grpc(dataplane, extension, options.host, options.grpc_port)
+            grpc = await _start_grpc(dataplane, extension, options.host, options.grpc_port, frozenset(models))
         while not rest._server.started and not servers[0].done():
             await asyncio.sleep(0.02)
         if rest._server.started and on_ready is not None:
@@ -403,7 +424,25 @@ def serve(export_dir: str | Path, options: ServeOptions,
         sock.close()
 
 
-async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int) -> Any:
+class GrpcCounter(AsyncServerInterceptor):
+    """Counts gRPC ModelInfer calls as ProtocolGuard counts REST ones, by gRPC status name."""
+
+    def __init__(self, models: frozenset[str]) -> None:
+        self.models = models
+
+    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+        if not method_name.endswith("/ModelInfer"):
+            return await method(request, context)
+        model = request.model_name if request.model_name in self.models else "unknown"
+        with _counted(model, "grpc") as outcome:
+            try:
+                return await method(request, context)
+            finally:
+                code = context.code()
+                outcome["status"] = code.name if code is not None else "OK"
+
+
+async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, models: frozenset[str]) -> Any:
     """KServe's gRPC inference service on `host:port` (KServe's own gRPC server binds every
     interface, so its servicer is mounted on a server bound here)."""
     from concurrent import futures
@@ -413,7 +452,7 @@ async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int) -> A
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    interceptors = (LoggingInterceptor(), ExceptionToStatusInterceptor())
+    interceptors = (GrpcCounter(models), LoggingInterceptor(), ExceptionToStatusInterceptor())
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                         options=[("grpc.max_receive_message_length", MAX_BODY),
                                  ("grpc.max_send_message_length", MAX_BODY)])
