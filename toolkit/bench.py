@@ -325,6 +325,53 @@ def bench_train(
     }
 
 
+def bench_finetune(
+    base: str | Path, *, data_dir: str | Path | None = None, feedback: int = 200, heldout: int = 200,
+    extra_weight: int = 20, seed: int = 0, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """What fine-tuning on corrections buys: `feedback` digits in styles MNIST lacks
+    (`toolkit.styled`) train `base` further, `heldout` others (another seed) score it before and
+    after, with the dataset's test accuracy before and after and the time the run took."""
+    from toolkit.checkpoint import checkpoint_file
+    from toolkit.config import make_config
+    from toolkit.evaluate import evaluate
+    from toolkit.styled import write_styled_digits
+    from toolkit.train import train
+
+    if feedback <= 0 or heldout <= 0:
+        raise ToolkitError("`feedback` and `heldout` must be positive")
+    base = checkpoint_file(base)
+    with tempfile.TemporaryDirectory() as work:
+        folders = {"feedback": Path(work, "feedback"), "heldout": Path(work, "heldout")}
+        write_styled_digits(folders["feedback"], feedback, seed=2 * seed + 1)
+        write_styled_digits(folders["heldout"], heldout, seed=2 * seed + 2)
+        trained = load_checkpoint(base)
+        config = make_config(trained["arch"], dataset=trained["dataset"], init_from=base,
+                             extra_data=folders["feedback"], extra_weight=extra_weight, seed=seed)
+
+        def scores(model: Path) -> dict[str, float]:
+            reports = Path(work, "reports", model.parent.name)
+            return {"heldout_acc": evaluate(model, reports / "heldout", images=folders["heldout"],
+                                            provider="cpu")[1]["accuracy"],
+                    "test_acc": evaluate(model, reports / "test", data_dir=data_dir, provider="cpu")[1]["accuracy"]}
+
+        before = scores(base)
+        log(f"{base}: {before['heldout_acc']:.2%} on {heldout} held-out styled digits, {before['test_acc']:.2%} test")
+        started = time.perf_counter()
+        result = train(config, data_dir=data_dir, runs_dir=Path(work, "runs"), name="finetuned", device="cpu",
+                       log=log)
+        seconds = time.perf_counter() - started
+        after = scores(result.run_dir / "best.pt")
+    return {
+        "kind": "finetune", "machine": machine(), "base": str(base), "arch": config.arch, "feedback": feedback,
+        "heldout": heldout, "styles": "hollow and dot-matrix digits (toolkit.styled), not made from MNIST",
+        "extra_weight": extra_weight, "epochs": config.epochs, "lr": config.lr, "seconds": seconds,
+        "train_seconds": result.train_seconds, "before": before, "after": after,
+        "heldout_gain_points": 100 * (after["heldout_acc"] - before["heldout_acc"]),
+        "test_drop_points": 100 * (before["test_acc"] - after["test_acc"]),
+    }
+
+
 MALFORMED = b"\x89PNG\r\n\x1a\n this is not an image"
 
 

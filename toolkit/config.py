@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULERS = ("onecycle", "step", "none")
 RECIPES = ("default", "notebook")
+MAX_EXTRA_WEIGHT = 1000
+# Fine-tuning starts from a trained model: a short run at a lower peak rate, with augmentation,
+# so the few extra images teach a new style without unlearning the dataset (docs/benchmarks.md).
+FINETUNE_RECIPE = {"epochs": 2, "lr": 1e-3, "augment": True, "scheduler": "onecycle"}
 MAX_BATCH_SIZE = 1 << 24  # larger than any dataset here; batch indices must fit in 64 bits
 MAX_SEED = 2**32 - 1  # seeds are mixed with epoch numbers and must stay within torch's 64-bit range
 
@@ -42,6 +46,13 @@ class TrainConfig:
     limit_train: int | None = None
     recipe: str = "default"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Fine-tuning: the checkpoint the weights start from, and labelled images (an ImageFolder)
+    # mixed into every epoch `extra_weight` times each; both recorded with their sha256.
+    init_from: str | None = None
+    init_from_sha256: str | None = None
+    extra_data: str | None = None
+    extra_data_sha256: str | None = None
+    extra_weight: int = 1
 
     def validate(self) -> None:
         from toolkit.data import get_dataset
@@ -70,10 +81,18 @@ class TrainConfig:
             raise ToolkitError(f"normalization needs a finite mean and a positive std, got {self.mean}, {self.std}")
         if not 0 <= self.momentum < 1:
             raise ToolkitError(f"must be in [0, 1), got {self.momentum}", option="momentum")
+        if not (isinstance(self.extra_weight, int) and 1 <= self.extra_weight <= MAX_EXTRA_WEIGHT):
+            raise ToolkitError(f"must be a whole number from 1 to {MAX_EXTRA_WEIGHT}, got {self.extra_weight}",
+                               option="extra_weight")
 
 
-def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **overrides: Any) -> TrainConfig:
-    """A config from the model's recipe, with any non-None `overrides` applied on top."""
+def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", *,
+                init_from: str | Path | None = None, extra_data: str | Path | None = None,
+                **overrides: Any) -> TrainConfig:
+    """A config from the model's recipe, with any non-None `overrides` applied on top. With
+    `init_from` (a checkpoint, or a run or export dir), a fine-tuning config instead: that
+    model's dataset and normalization, FINETUNE_RECIPE, its weights to start from. With
+    `extra_data` (an ImageFolder), those images are mixed into training."""
     from toolkit.data import get_dataset
     from toolkit.models import get_entry
 
@@ -89,12 +108,39 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", **ov
         weight_decay=chosen.weight_decay, scheduler=chosen.scheduler, mean=mean, std=std,
         augment=chosen.augment, recipe=recipe,
     )
+    if init_from is not None:
+        config = dataclasses.replace(config, **_starting_point(arch, dataset, init_from), **FINETUNE_RECIPE,
+                                     recipe="finetune")
+    if extra_data is not None:
+        from toolkit.imagefolder import image_folder_sha256
+
+        names = list(get_dataset(config.dataset).class_names)
+        config = dataclasses.replace(config, extra_data=str(Path(extra_data).resolve()),
+                                     extra_data_sha256=image_folder_sha256(extra_data, names))
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if overrides.get("momentum") is not None and config.optimizer != "sgd":
         raise ToolkitError(f"applies to `optimizer` sgd only, this run uses {config.optimizer}",
                            option="momentum")
     config.validate()
     return config
+
+
+def _starting_point(arch: str, dataset: str, init_from: str | Path) -> dict[str, Any]:
+    """What a fine-tuning config takes from the checkpoint it starts from."""
+    from toolkit.checkpoint import checkpoint_file, load_checkpoint
+    from toolkit.fileio import sha256_file
+
+    path = checkpoint_file(init_from)
+    checkpoint = load_checkpoint(path)
+    if checkpoint["arch"] != arch:
+        raise ToolkitError(f"{path} holds a {checkpoint['arch']} model, not {arch}", option="init_from")
+    if checkpoint["dataset"] != dataset:
+        raise ToolkitError(f"{path} was trained on {checkpoint['dataset']}, not {dataset}: pass `dataset` "
+                           f"{checkpoint['dataset']}", option="init_from")
+    normalization = checkpoint["normalization"]
+    return {"mean": normalization["mean"], "std": normalization["std"],
+            "model_kwargs": dict(checkpoint["model_kwargs"]), "init_from": str(path.resolve()),
+            "init_from_sha256": sha256_file(path)}
 
 
 def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | None = None,

@@ -1,4 +1,5 @@
-"""`toolkit evaluate`: accuracy, per-class metrics, confusion matrix and the digits it gets wrong."""
+"""`toolkit evaluate`: accuracy, per-class metrics, confusion matrix and the digits it gets wrong,
+on a dataset's test set or on a folder of labelled images."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from toolkit.checkpoint import build_deployable, checkpoint_file, load_checkpoin
 from toolkit.data import get_dataset, load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import files_together, write_json
+from toolkit.framing import Framing
+from toolkit.imagefolder import read_image_folder
 from toolkit.manifest import part_of_export, prove
 from toolkit.plots import plot_confusion, plot_digit_grid
 from toolkit.runners import Runner, torch_runner
@@ -32,6 +35,7 @@ class ScoringModel:
     class_names: list[str]
     run: Runner
     integrity: str  # whether the file run was proven to be the one its export's manifest lists
+    framing: Framing  # how the model's training images were framed: how to frame others for it
 
 
 def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integrity: bool = True) -> ScoringModel:
@@ -46,12 +50,13 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
             raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
         name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
-                            predictor.class_names, predictor.run, predictor.integrity)
+                            predictor.class_names, predictor.run, predictor.integrity, predictor.framing)
     path = checkpoint_file(path)
     integrity = _checkpoint_integrity(path, check_integrity)
     checkpoint = load_checkpoint(path)
     return ScoringModel(path.resolve().parent.name, str(path), "pytorch", checkpoint["dataset"],
-                        list(checkpoint["class_names"]), torch_runner(build_deployable(checkpoint)), integrity)
+                        list(checkpoint["class_names"]), torch_runner(build_deployable(checkpoint)), integrity,
+                        Framing.from_dict(checkpoint.get("framing")))
 
 
 def _checkpoint_integrity(path: Path, check: bool) -> str:
@@ -87,20 +92,30 @@ def evaluate(
     data_dir: str | Path | None = None,
     provider: str = "auto",
     check_integrity: bool = True,
+    images: str | Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Score the whole test set and write evaluation.json, confusion.png and mistakes.png."""
+    """Score the whole test set (or, with `images`, a folder of labelled images in the
+    ImageFolder layout, framed as the demo frames them) and write evaluation.json,
+    confusion.png and mistakes.png."""
     model = load_scoring_model(model_path, provider, check_integrity=check_integrity)
-    dataset = dataset or model.dataset
-    spec = get_dataset(dataset)
-    if len(spec.class_names) != len(model.class_names):
-        raise ToolkitError(f"{dataset} has {len(spec.class_names)} classes but the model predicts "
-                           f"{len(model.class_names)}")
-    test = load_split(dataset, data_dir, train=False)
-    pixels = test.pixels().numpy()
+    problems: list[str] = []
+    if images is not None:
+        if dataset is not None:
+            raise ToolkitError("evaluates the test set of a dataset; `images` a folder: pass one of them",
+                               option="dataset")
+        folder = read_image_folder(images, model.class_names, model.framing)
+        pixels, labels, problems, dataset = folder.unit_float(), folder.labels, folder.problems, str(images)
+    else:
+        dataset = dataset or model.dataset
+        spec = get_dataset(dataset)
+        if len(spec.class_names) != len(model.class_names):
+            raise ToolkitError(f"{dataset} has {len(spec.class_names)} classes but the model predicts "
+                               f"{len(model.class_names)}")
+        test = load_split(dataset, data_dir, train=False)
+        pixels, labels = test.pixels().numpy(), test.labels.numpy()
     logits = np.concatenate([model.run(chunk)[0] for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
     if not np.isfinite(logits).all():
         raise ToolkitError(f"{model.source}: the model's output is not finite (NaN or infinity): it is broken")
-    labels = test.labels.numpy()
     predicted = logits.argmax(1)
     n = len(model.class_names)
     matrix = np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
@@ -108,7 +123,8 @@ def evaluate(
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:MISTAKES_SHOWN]
 
-    report_dir = Path(report_dir or Path("reports") / model.name)
+    report_dir = Path(report_dir or Path("reports") / (model.name if images is None
+                                                       else f"{model.name}-on-{Path(images).resolve().name}"))
     accuracy = float((predicted == labels).mean())
     report = {
         "model": model.source,
@@ -117,12 +133,13 @@ def evaluate(
         "samples": len(labels),
         "accuracy": accuracy,
         "integrity": model.integrity,
+        "problems": problems,  # images or folders left out of `images`, one line each
         "class_names": model.class_names,
         "confusion_matrix": matrix.tolist(),
         "per_class": per_class_metrics(matrix, model.class_names),
         "most_confident_mistakes": [
             {"index": int(i), "true": model.class_names[labels[i]], "predicted": model.class_names[predicted[i]],
-             "probability": float(probabilities[i, predicted[i]])}
+             "probability": float(probabilities[i, predicted[i]]), **({"file": str(folder.files[i])} if images else {})}
             for i in wrong
         ],
     }

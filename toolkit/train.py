@@ -23,10 +23,10 @@ from torch import nn
 from toolkit.augment import random_affine_elastic
 from toolkit.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from toolkit.config import TrainConfig, load_resume_state, make_config
-from toolkit.data import get_dataset, load_split, shuffled_batches
+from toolkit.data import Split, get_dataset, load_split, shuffled_batches
 from toolkit.distributed import Distributed, resolve_device
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_json
+from toolkit.fileio import sha256_file, write_json
 from toolkit.framing import Framing, measure_framing
 from toolkit.models import create_model
 
@@ -267,24 +267,55 @@ class _Data:
     framing: Framing
 
 
-def _load_data(config: TrainConfig, data_dir: str | Path | None, device: torch.device) -> _Data:
+def _load_data(config: TrainConfig, data_dir: str | Path | None, device: torch.device,
+               log: Callable[[str], None]) -> _Data:
     train_split = load_split(config.dataset, data_dir, train=True)
     test_split = load_split(config.dataset, data_dir, train=False)
     framing = measure_framing(train_split.images.numpy())
     if config.limit_train is not None:
         train_split.images = train_split.images[: config.limit_train]
         train_split.labels = train_split.labels[: config.limit_train]
+    if config.extra_data is not None:
+        extra = _extra_images(config, framing, log)
+        train_split.images = torch.cat([train_split.images, extra.images.repeat(config.extra_weight, 1, 1)])
+        train_split.labels = torch.cat([train_split.labels, extra.labels.repeat(config.extra_weight)])
     return _Data(train_split.pixels(device), train_split.labels.to(device), test_split.pixels(device),
                  test_split.labels.to(device), framing)
+
+
+def _extra_images(config: TrainConfig, framing: Framing, log: Callable[[str], None]) -> Split:
+    """The run's extra ImageFolder, framed as the demo frames drawings for this model; it must
+    still be the data the run's config recorded."""
+    from toolkit.imagefolder import read_image_folder
+
+    assert config.extra_data is not None
+    extra = read_image_folder(config.extra_data, list(get_dataset(config.dataset).class_names), framing)
+    if config.extra_data_sha256 is not None and extra.sha256 != config.extra_data_sha256:
+        raise ToolkitError(f"{config.extra_data} changed since this run began (its files' sha256 differs from "
+                           "the run's config); train a new run on it")
+    for problem in extra.problems:
+        log(problem)
+    log(f"extra data: {len(extra)} images from {config.extra_data}, each {config.extra_weight}x per epoch")
+    return Split(torch.from_numpy(extra.pixels), torch.from_numpy(extra.labels))
+
+
+def _initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a fine-tuning run starts from, as its config recorded them."""
+    assert config.init_from is not None
+    if config.init_from_sha256 is not None and sha256_file(config.init_from) != config.init_from_sha256:
+        raise ToolkitError(f"{config.init_from} changed since this run was configured (its sha256 differs)")
+    return load_checkpoint(config.init_from)["state_dict"]
 
 
 def _run(
     config: TrainConfig, run_dir: Path, data_dir: str | Path | None, device: torch.device, ddp: Distributed,
     resume_checkpoint: dict[str, Any] | None, progress: ProgressFactory | None, log: Callable[[str], None],
 ) -> RunResult:
-    data = _load_data(config, data_dir, device)
+    data = _load_data(config, data_dir, device, log if ddp.is_main else lambda _: None)
     torch.manual_seed(config.seed)
     model = create_model(config.arch, **config.model_kwargs).to(device)
+    if config.init_from is not None and resume_checkpoint is None:
+        model.load_state_dict(_initial_weights(config))
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # oneDNN's NHWC kernels are ~1.3x faster for these small convs and pools on CPU.
         model = model.to(memory_format=torch.channels_last)
