@@ -248,6 +248,13 @@ CASES = [
     ("bench infer {export} --seconds nan", "--seconds must be positive and finite, got nan", 1),
     ("train lenet --epochs 1 --limit-train 200 --lr 1e30 --device cpu --runs-dir {bad}/runs-nan --name x",
      "training diverged in epoch 1", 1),
+    # Fine-tuning on labelled images.
+    ("train mlp --init-from {run}", "holds a lenet model, not mlp", 1),
+    ("train lenet --init-from {run} --dataset fashion-mnist", "was trained on mnist, not fashion-mnist", 1),
+    ("train lenet --extra-data {bad}/nowhere", "is not a folder of class folders", 1),
+    ("train lenet --extra-weight 0", "--extra-weight must be a whole number from 1 to 1000, got 0", 1),
+    ("evaluate {export} --images {bad}", "holds no readable images in class folders named 0, 1", 1),
+    ("evaluate {export} --images {bad} --dataset mnist", "--dataset evaluates the test set of a dataset", 1),
     # Serving and checking a served endpoint.
     ("serve {export} --max-batch-size 0", "--max-batch-size must be between 1 and 4096, got 0", 1),
     ("serve {export} --max-batch-delay-ms nan", "--max-batch-delay-ms must be between 0 and 1000 ms", 1),
