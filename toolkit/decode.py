@@ -1,10 +1,12 @@
 """Reading any input as a picture: image files and bytes (header checked before decoding),
-Gradio sketchpad values, PIL images and numpy arrays of any dtype and layout."""
+Gradio sketchpad values, PIL images and numpy arrays of any dtype and layout; the image files
+in folders."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,17 @@ from toolkit.framing import FRAME
 
 MAX_WORKING_SIDE = 1024  # larger inputs are downscaled first: bounded memory and time
 MAX_DECODE_PIXELS = 40_000_000  # refuse to decode more (decompression bombs)
+
+
+def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Each path as given, except that a folder stands for the image files under it, sorted
+    (an empty one stays itself, so it is reported rather than silently skipped)."""
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    for path in map(Path, paths):
+        found = []
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file())
+        yield from found or [path]
 
 
 class ImageReadError(ToolkitError):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.decode import image_files
 from toolkit.errors import ToolkitError
 from toolkit.framing import MNIST_FRAMING, Framing
-from toolkit.inference import image_files
 from toolkit.preprocess import preprocess
 
 

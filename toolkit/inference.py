@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from toolkit.decode import image_files
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import preprocess
 from toolkit.runtime import Predictor
@@ -44,17 +44,6 @@ def classify(predictor: Predictor, image: Any, top_k: int = 3) -> Classification
         digit=digit,
         milliseconds=1000 * (time.perf_counter() - started),
     )
-
-
-def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Each path as given, except that a folder stands for the image files under it, sorted
-    (an empty one stays itself, so it is reported rather than silently skipped)."""
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    for path in map(Path, paths):
-        found = []
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file())
-        yield from found or [path]
 
 
 def classify_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int = 3) -> list[dict[str, Any]]:
