@@ -2,7 +2,9 @@
 
 import base64
 import contextlib
+import io
 import itertools
+import json
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +18,7 @@ from PIL import Image
 
 from tests.conftest import REPO
 from toolkit.app import MAX_BODY, launch
+from toolkit.fileio import sha256_file
 from toolkit.launch import free_port
 from toolkit.locate import EXAMPLES_DIR, example_label
 
@@ -26,9 +29,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def server(export_dir):
+def feedback_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback") / "corrections"
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, feedback_dir):
     port = free_port()
-    demo = launch(export_dir, port=port, provider="cpu", block=False)
+    demo = launch(export_dir, port=port, provider="cpu", block=False, feedback_dir=feedback_dir)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -232,6 +240,19 @@ def _stroke(page, points):
     ],
 )
 def test_drawing_in_the_browser_shows_the_label(server, digit, strokes):
+    with _browser_page(server, f"browser-draw-{digit}.png") as page:
+        # The page says what to draw and how the drawing is framed for this MNIST model.
+        assert page.get_by_role("heading", name="Draw a digit").is_visible()
+        assert page.get_by_text("scaled to 20 px and centred by its centre of mass").is_visible()
+        _draw_and_predict(page, strokes)
+        status = page.locator("#status").inner_text()
+        assert status.startswith(digit), status
+        assert page.locator("#prediction").inner_text().strip().splitlines()[1] == digit
+
+
+@contextlib.contextmanager
+def _browser_page(server, screenshot):
+    """A page of the demo in headless Chromium; a screenshot in test-artifacts/ if the block fails."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -243,27 +264,51 @@ def test_drawing_in_the_browser_shows_the_label(server, digit, strokes):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
             page.goto(server)
-            canvas = page.locator("#sketchpad canvas").first
-            canvas.wait_for(timeout=60_000)
-            # The page says what to draw and how the drawing is framed for this MNIST model.
-            assert page.get_by_role("heading", name="Draw a digit").is_visible()
-            assert page.get_by_text("scaled to 20 px and centred by its centre of mass").is_visible()
+            page.locator("#sketchpad canvas").first.wait_for(timeout=60_000)
             page.locator("body[data-brush-ready]").wait_for(state="attached")  # the demo has chosen the brush
-            box = canvas.bounding_box()
-            cx, cy, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"]
-            for stroke in strokes:
-                _stroke(page, [(cx + dx * h, cy + dy * h) for dx, dy in stroke])
-            page.click("#predict-button")
-            page.wait_for_function(
-                "() => /\\(\\d+\\.\\d%\\) in/.test(document.querySelector('#status')?.innerText ?? '')",
-                timeout=30_000,
-            )
-            status = page.locator("#status").inner_text()
-            assert status.startswith(digit), status
-            assert page.locator("#prediction").inner_text().strip().splitlines()[1] == digit
+            yield page
         except Exception:
             ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / f"browser-draw-{digit}.png"))
+            page.screenshot(path=str(ARTIFACTS / screenshot))
             raise
         finally:
             browser.close()
+
+
+def _draw_and_predict(page, strokes):
+    box = page.locator("#sketchpad canvas").first.bounding_box()
+    cx, cy, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"]
+    for stroke in strokes:
+        _stroke(page, [(cx + dx * h, cy + dy * h) for dx, dy in stroke])
+    page.click("#predict-button")
+    page.wait_for_function(
+        "() => /\\(\\d+\\.\\d%\\) in/.test(document.querySelector('#status')?.innerText ?? '')",
+        timeout=30_000,
+    )
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (installed by .ci/run)")
+def test_a_correction_made_in_the_browser_is_saved_with_all_its_fields(server, feedback_dir, export_dir):
+    with _browser_page(server, "browser-feedback.png") as page:
+        assert feedback_dir.name in page.locator("#feedback-note").inner_text()
+        _draw_and_predict(page, [[(-0.25, -0.3), (0.25, -0.3), (-0.05, 0.35)]])  # a "7"
+        predicted = page.locator("#status").inner_text().split()[0]
+        given = "1" if predicted != "1" else "2"  # "wrong, it is ..."
+        page.click("#feedback-label input")
+        page.get_by_role("option", name=given, exact=True).click()
+        page.click("#feedback-save")
+        page.wait_for_function(
+            "() => /saved as/.test(document.querySelector('#feedback-status')?.innerText ?? '')", timeout=30_000)
+    saved = [json.loads(path.read_text()) for path in feedback_dir.glob("*.json")]
+    example = next(e for e in saved if e["label"] == given and e["predicted"] == predicted)
+    assert set(example) == {"format", "version", "id", "label", "predicted", "probabilities", "model_sha256",
+                            "time", "drawing_png", "seen_png"}  # and nothing about the person
+    assert example["model_sha256"] == sha256_file(export_dir / "model.onnx")
+    assert set(example["probabilities"]) == {str(d) for d in range(10)}
+    assert max(example["probabilities"], key=example["probabilities"].get) == predicted
+    drawing = Image.open(io.BytesIO(base64.b64decode(example["drawing_png"])))
+    seen = Image.open(io.BytesIO(base64.b64decode(example["seen_png"])))
+    assert drawing.size == (400, 400) and seen.size == (28, 28)
+    index = [json.loads(line) for line in (feedback_dir / "index.jsonl").read_text().splitlines()]
+    assert example["id"] in {line["id"] for line in index}

@@ -21,8 +21,10 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from toolkit.classes import DIGITS
-from toolkit.decode import MAX_DECODE_PIXELS, ImageReadError, open_image
+from toolkit.decode import MAX_DECODE_PIXELS, ImageReadError, open_image, working_picture
 from toolkit.errors import ToolkitError
+from toolkit.feedback import FeedbackStore, new_example
+from toolkit.fileio import sha256_file
 from toolkit.inference import Classification, classify
 from toolkit.locate import EXAMPLES_DIR
 from toolkit.runtime import Predictor
@@ -307,16 +309,45 @@ def make_handler(predictor: Predictor) -> Any:
     return predict
 
 
-def build_demo(predictor: Predictor) -> gr.Blocks:
-    """The demo UI around a Predictor; `predict` is also a named API endpoint."""
+def make_feedback_handler(predictor: Predictor, store: FeedbackStore) -> Any:
+    """Saves what the person says the drawing (or upload) they last classified is."""
+    model_sha256 = sha256_file(predictor.path)
+
+    def save(source: str, sketch: Any, upload: Any, given: str | None, confirm: bool = False) -> str:
+        image = upload if source == "upload" else sketch
+        if image is None:
+            return "nothing to save: draw or upload first"
+        try:
+            result = classify(predictor, image, top_k=len(predictor.class_names))
+            if result.label is None:
+                return "nothing to save: the model saw nothing to classify"
+            label = result.label if confirm else given
+            if label not in predictor.class_names:
+                return "pick what it is, then save"
+            example = new_example(working_picture(image), result.digit, label, result.label,
+                                  {r["label"]: r["probability"] for r in result.top_k}, model_sha256)
+            store.save(example)
+        except ToolkitError as exc:
+            raise _refused(str(exc)) from None
+        log.info("saved feedback %s", example.id)
+        verdict = "confirmed" if confirm else f"saved as {label} (the model said {result.label})"
+        return f"{verdict}; thank you ({example.id[:8]})"
+
+    return save
+
+
+def build_demo(predictor: Predictor, feedback: FeedbackStore | None = None) -> gr.Blocks:
+    """The demo UI around a Predictor; `predict` is also a named API endpoint. With `feedback`,
+    people can say whether an answer was right and correct it; each goes to the store."""
     predict = make_handler(predictor)
     subject = what_to_draw(predictor)
     with gr.Blocks(title=f"toolkit · draw {subject}", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"# Draw {subject}\n{framing_note(predictor)}")
         gr.Markdown(model_card(predictor), elem_id="model-card")
+        source = gr.State("sketch")  # the tab whose image the feedback is about
         with gr.Row():
             with gr.Column():
-                with gr.Tab("Draw"):
+                with gr.Tab("Draw") as draw_tab:
                     sketchpad = guard_sketchpad(gr.Sketchpad(
                         canvas_size=CANVAS, type="filepath", image_mode="RGBA", label="sketchpad",
                         brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),
@@ -325,7 +356,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
                     with gr.Row():
                         predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
                         clear_button = gr.ClearButton(value="Clear", elem_id="clear-button")
-                with gr.Tab("Upload"):
+                with gr.Tab("Upload") as upload_tab:
                     upload = guard_upload(gr.Image(type="filepath", image_mode=None, label="image file",
                                                    sources=["upload", "clipboard"], elem_id="upload"))
                     upload_button = gr.Button("Predict upload", elem_id="upload-button")
@@ -337,7 +368,23 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
                 seen = gr.Image(label="what the model saw (28x28)", height=168, interactive=False,
                                 image_mode="L", format="png", elem_id="seen")
                 status = gr.Markdown(elem_id="status", label="status")
+                if feedback is not None:
+                    gr.Markdown(f"Right or wrong? What you say is saved to `{feedback.folder}`: the drawing, what "
+                                "the model saw, your label and its answer; nothing else.", elem_id="feedback-note")
+                    with gr.Row():
+                        right_button = gr.Button("Right", elem_id="feedback-right")
+                        given = gr.Dropdown(list(predictor.class_names), value=None, label="wrong? it is",
+                                            elem_id="feedback-label")
+                        save_button = gr.Button("Save correction", elem_id="feedback-save")
+                    feedback_status = gr.Markdown(elem_id="feedback-status")
         outputs = [label, seen, status]
+        draw_tab.select(lambda: "sketch", None, source, api_visibility="private")
+        upload_tab.select(lambda: "upload", None, source, api_visibility="private")
+        if feedback is not None:
+            save = make_feedback_handler(predictor, feedback)
+            save_button.click(save, [source, sketchpad, upload, given], feedback_status, api_name="save_correction")
+            right_button.click(lambda *args: save(*args, confirm=True), [source, sketchpad, upload, given],
+                               feedback_status, api_name="confirm")
         sketchpad.change(predict, sketchpad, outputs, show_progress="hidden", trigger_mode="always_last",
                          api_name="live_sketch", api_visibility="private")
         predict_button.click(predict, sketchpad, outputs, api_name="predict_sketch")
@@ -358,11 +405,13 @@ def launch(
     threads: int | None = None,
     block: bool = True,
     check_integrity: bool = True,
+    feedback_dir: str | Path | None = None,
 ) -> gr.Blocks:
-    """Load the model and serve the demo (localhost only and no share link unless asked)."""
+    """Load the model and serve the demo (localhost only and no share link unless asked); with
+    `feedback_dir`, people's corrections are saved there."""
     predictor = Predictor(export_dir, provider=provider, threads=threads, check_integrity=check_integrity)
     log.info("serving %s on onnxruntime-%s", predictor.path, predictor.provider)
-    demo = build_demo(predictor)
+    demo = build_demo(predictor, FeedbackStore(feedback_dir) if feedback_dir is not None else None)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
     try:
         demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,

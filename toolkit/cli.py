@@ -351,8 +351,13 @@ def demo(
     threads: Annotated[int, typer.Option(
         min=1, help="onnxruntime intra-op threads per request; concurrent requests already run in parallel.")] = 1,
     skip_integrity_check: IntegrityOption = False,
+    feedback_dir: Annotated[Path, typer.Option(
+        help="Where people's corrections go (one JSON file each; see `toolkit feedback`).")] = Path("feedback"),
+    feedback: Annotated[bool, typer.Option("--feedback/--no-feedback", help="Offer right / wrong after each "
+                                           "prediction and save the answers.")] = True,
 ) -> None:
-    """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction."""
+    """Serve the Gradio sketchpad demo: draw a digit in the browser, see the prediction, and say
+    whether it was right."""
     import logging
 
     from toolkit.app import launch
@@ -362,7 +367,7 @@ def demo(
     export_dir = export_dir or newest_export_dir()
     console.print(f"starting the demo for {export_dir} on http://{host}:{port} ...")
     launch(export_dir, host=host, port=port, share=share, provider=provider.value, threads=threads,
-           check_integrity=not skip_integrity_check)
+           check_integrity=not skip_integrity_check, feedback_dir=feedback_dir if feedback else None)
 
 
 @app.command()
@@ -735,6 +740,83 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
                                                                                        "rss_mb_after"))
         console.print(f"{server['server']}: memory {before} -> {after} MB", highlight=False)
     _write_bench_json(json_path, result)
+
+
+feedback_app = typer.Typer(help="Review the corrections collected by the demo, drop some, export them to train on.")
+app.add_typer(feedback_app, name="feedback")
+FeedbackDirArgument = Annotated[Path, typer.Argument(help="The demo's --feedback-dir.")]
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback_default(ctx: typer.Context) -> None:
+    """With no command: review ./feedback."""
+    if ctx.invoked_subcommand is None:
+        feedback_review(Path("feedback"))
+
+
+@feedback_app.command("review")
+def feedback_review(
+    folder: FeedbackDirArgument = Path("feedback"),
+    out: Annotated[Path | None, typer.Option(help="Report dir (default: reports/feedback).")] = None,
+) -> None:
+    """Examples per class, how often the model was wrong and which confusions; feedback.png
+    (the corrected drawings) and feedback.json."""
+    from rich.table import Table
+
+    from toolkit.feedback import FeedbackStore, write_review
+
+    examples, problems = FeedbackStore(folder).examples()
+    for problem in problems:
+        err_console.print(problem, highlight=False)
+    out = out or BENCH_DIR / "feedback"
+    report = write_review(examples, problems, out)
+    table = Table(title=f"{folder}: {report['examples']} examples, {report['corrected']} corrected")
+    for column in ("class", "examples", "model was wrong"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    wrong = {}
+    for confusion in report["confusions"]:
+        wrong[confusion["label"]] = wrong.get(confusion["label"], 0) + confusion["count"]
+    for name, count in report["per_class"].items():
+        table.add_row(name, str(count), str(wrong.get(name, 0)))
+    console.print(table)
+    for confusion in report["confusions"][:10]:
+        console.print(f"{confusion['label']} taken for {confusion['predicted']}: {confusion['count']}",
+                      highlight=False)
+    console.print(f"report directory: {out}")
+
+
+@feedback_app.command("drop")
+def feedback_drop(
+    example_id: Annotated[str, typer.Argument(help="The example's id (its file name without .json).")],
+    folder: Annotated[Path, typer.Option("--dir", help="The feedback folder.")] = Path("feedback"),
+) -> None:
+    """Remove an example that is wrong or unwanted."""
+    from toolkit.feedback import FeedbackStore
+
+    FeedbackStore(folder).drop(example_id)
+    console.print(f"dropped {example_id} from {folder}")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    folder: FeedbackDirArgument,
+    out: Annotated[Path, typer.Argument(help="New folder: OUT/train/<class>/*.png and OUT/heldout/<class>/*.png.")],
+    heldout_percent: Annotated[int, typer.Option(help="Share of examples held out, chosen by id.")] = 50,
+) -> None:
+    """The drawings as drawn, as labelled images to train (`train --extra-data OUT/train`) and
+    evaluate (`evaluate --images OUT/heldout`) on; the split is by example and stable as the
+    folder grows."""
+    from toolkit.feedback import FeedbackStore, export_image_folder
+
+    if out.exists() and any(out.iterdir()):
+        raise ToolkitError(f"{out} exists and is not empty; choose a new folder", option="out")
+    examples, problems = FeedbackStore(folder).examples()
+    for problem in problems:
+        err_console.print(problem, highlight=False)
+    if not examples:
+        raise ToolkitError(f"{folder} holds no examples to export")
+    counts = export_image_folder(examples, out, heldout_percent)
+    console.print(f"{counts['train']} examples to {out / 'train'}, {counts['heldout']} to {out / 'heldout'}")
 
 
 @app.command()

@@ -1,0 +1,207 @@
+"""Corrections people give in the demo, kept as data: one JSON file per example and an
+append-only index, then reviewed and exported as labelled images to fine-tune on.
+
+An example holds the drawing as drawn (PNG), the 28x28 the model saw (PNG), the label the
+person gave, the model's answer and probabilities, the served model's sha256 and the time;
+nothing about the person or the request. Gradio's flagging was not used: its CSV logger keeps
+one CSV for all examples, written without a lock shared across processes, and the fields a
+fine-tuning run needs (the 28x28, the probabilities, the model's checksum) would be columns of
+strings; here each example is a file of its own, written atomically, and the cap is checked
+under a lock, so saves from many tabs (or demo processes) lose nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from toolkit.decode import load_image
+from toolkit.errors import ToolkitError
+from toolkit.fileio import DIR_MODE, files_together, write_bytes, write_json
+
+FORMAT, VERSION = "toolkit-feedback", 1
+INDEX = "index.jsonl"
+MAX_EXAMPLES = 10_000
+MAX_BYTES = 500 * 1024 * 1024
+CONTACT_SHEET = 64  # corrected drawings shown in feedback.png
+HELDOUT_PERCENT = 50  # of examples, chosen by id: an example never moves as the folder grows
+
+
+@dataclass
+class Example:
+    """One saved correction or confirmation."""
+
+    id: str
+    label: str  # what the person said it is
+    predicted: str
+    probabilities: dict[str, float]
+    model_sha256: str
+    time: str
+    drawing_png: bytes
+    seen_png: bytes
+
+    @property
+    def corrected(self) -> bool:
+        return self.label != self.predicted
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "id": self.id, "label": self.label,
+                "predicted": self.predicted, "probabilities": self.probabilities,
+                "model_sha256": self.model_sha256, "time": self.time,
+                "drawing_png": base64.b64encode(self.drawing_png).decode(),
+                "seen_png": base64.b64encode(self.seen_png).decode()}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Example:
+        try:
+            if data["format"] != FORMAT or data["version"] != VERSION:
+                raise ValueError(f"not a {FORMAT} v{VERSION} example")
+            example = cls(str(data["id"]), str(data["label"]), str(data["predicted"]),
+                          {str(k): float(v) for k, v in data["probabilities"].items()}, str(data["model_sha256"]),
+                          str(data["time"]), base64.b64decode(data["drawing_png"], validate=True),
+                          base64.b64decode(data["seen_png"], validate=True))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ToolkitError(f"not a feedback example: {str(exc)[:120]}") from None
+        load_image(example.drawing_png)  # refuses what is not an image, or too big to decode
+        return example
+
+
+def png(image: Image.Image | np.ndarray) -> bytes:
+    """An image (a PIL image, or a float array in [0, 1]) as PNG bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class FeedbackStore:
+    """A folder of examples: `<id>.json` each, and `index.jsonl`, one line per save."""
+
+    def __init__(self, folder: str | Path, *, max_examples: int = MAX_EXAMPLES, max_bytes: int = MAX_BYTES) -> None:
+        self.folder, self.max_examples, self.max_bytes = Path(folder), max_examples, max_bytes
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            handle = open(self.folder / ".lock", "a")  # noqa: SIM115  (held for the block)
+        except OSError as exc:
+            raise ToolkitError(f"cannot write feedback to {self.folder}: {exc.strerror or exc}") from None
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def save(self, example: Example) -> Path:
+        """Write `example` and add it to the index; refused once the folder is full."""
+        data = json.dumps(example.to_json()).encode()
+        with self._locked():
+            files = list(self.folder.glob("*.json"))
+            if len(files) >= self.max_examples or sum(f.stat().st_size for f in files) + len(data) > self.max_bytes:
+                raise ToolkitError(f"the feedback folder {self.folder} is full ({len(files):,} examples; limits "
+                                   f"{self.max_examples:,} examples, {self.max_bytes // 2**20} MB): review and "
+                                   "export it (`toolkit feedback`), then move it away")
+            path = write_bytes(self.folder / f"{example.id}.json", data)
+            line = json.dumps({"id": example.id, "time": example.time, "label": example.label,
+                               "predicted": example.predicted}) + "\n"
+            with open(self.folder / INDEX, "a") as index:
+                index.write(line)
+                index.flush()
+                os.fsync(index.fileno())
+        return path
+
+    def examples(self) -> tuple[list[Example], list[str]]:
+        """Every example in the folder, oldest first, and one line per file that is not one."""
+        if not self.folder.is_dir():
+            raise ToolkitError(f"no feedback folder at {self.folder}")
+        found, problems = [], []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                example = Example.from_json(json.loads(path.read_bytes()))
+                if example.id != path.stem:
+                    raise ToolkitError(f"its id {example.id!r} is not its file name")
+                found.append(example)
+            except (ToolkitError, ValueError, OSError, RecursionError) as exc:
+                problems.append(f"{path.name}: {exc}; left out")
+        return sorted(found, key=lambda e: (e.time, e.id)), problems
+
+    def drop(self, example_id: str) -> None:
+        """Remove one example (the index keeps its line: it records what was saved)."""
+        path = self.folder / f"{example_id}.json"
+        if Path(example_id).name != example_id or not path.is_file():
+            raise ToolkitError(f"no example {example_id!r} in {self.folder}")
+        with self._locked():
+            path.unlink()
+
+
+def new_example(drawing: Image.Image, seen: np.ndarray, label: str, predicted: str,
+                probabilities: dict[str, float], model_sha256: str) -> Example:
+    return Example(uuid.uuid4().hex, label, predicted, probabilities, model_sha256,
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), png(drawing), png(seen))
+
+
+def is_heldout(example_id: str, percent: int = HELDOUT_PERCENT) -> bool:
+    """Whether an example belongs to the held-out part: by its id alone, so the split is stable
+    as the folder grows and the same on every machine."""
+    return int(hashlib.sha256(example_id.encode()).hexdigest(), 16) % 100 < percent
+
+
+def summary(examples: list[Example]) -> dict[str, Any]:
+    """Examples per class, how often the model was wrong, and which confusions."""
+    per_class = Counter(e.label for e in examples)
+    wrong = [e for e in examples if e.corrected]
+    return {"examples": len(examples), "corrected": len(wrong), "confirmed": len(examples) - len(wrong),
+            "wrong_rate": len(wrong) / len(examples) if examples else None,
+            "per_class": dict(sorted(per_class.items())),
+            "confusions": [{"label": label, "predicted": predicted, "count": count} for (label, predicted), count
+                           in Counter((e.label, e.predicted) for e in wrong).most_common()],
+            "models": dict(Counter(e.model_sha256 for e in examples))}
+
+
+def export_image_folder(examples: list[Example], out: str | Path,
+                        heldout_percent: int = HELDOUT_PERCENT) -> dict[str, int]:
+    """The drawings as drawn, in torchvision's ImageFolder layout: `OUT/train/<label>/<id>.png`
+    and `OUT/heldout/<label>/<id>.png`, split by id. Returns the count of each part."""
+    if not 0 <= heldout_percent <= 100:
+        raise ToolkitError(f"must be between 0 and 100, got {heldout_percent}", option="heldout_percent")
+    counts = {"train": 0, "heldout": 0}
+    for example in examples:
+        part = "heldout" if is_heldout(example.id, heldout_percent) else "train"
+        folder = Path(out) / part / example.label
+        folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        write_bytes(folder / f"{example.id}.png", example.drawing_png)
+        counts[part] += 1
+    return counts
+
+
+def write_review(examples: list[Example], problems: list[str], out: str | Path) -> dict[str, Any]:
+    """feedback.json (the summary, the examples without their images, the problems) and
+    feedback.png (the corrected drawings as the model saw them, given and predicted labels)."""
+    from toolkit.plots import plot_digit_grid
+
+    report = {**summary(examples), "problems": problems,
+              "items": [{k: v for k, v in e.to_json().items() if not k.endswith("_png")} for e in examples]}
+    corrected = [e for e in examples if e.corrected]
+    shown = corrected[:CONTACT_SHEET]
+    seen = (np.stack([np.asarray(load_image(e.seen_png).convert("L"), dtype=np.float32) / 255 for e in shown])
+            if shown else np.zeros((0, 28, 28)))
+    with files_together(out) as stage:
+        plot_digit_grid(seen, [f"{e.label} (said {e.predicted})\n{e.id[:8]}" for e in shown], stage("feedback.png"),
+                        f"corrected drawings, as the model saw them ({len(corrected)} in all): given (model said)")
+        write_json(stage("feedback.json"), report)
+    return report
