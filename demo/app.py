@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from toolkit.app import build_demo  # noqa: F401  (re-exported: build_demo(predictor) -> gr.Blocks)
+from toolkit.app import build_demo  # noqa: F401  (re-exported)
 
 
 def main() -> None:

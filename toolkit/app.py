@@ -24,10 +24,9 @@ from toolkit.classes import DIGITS
 from toolkit.decode import MAX_DECODE_PIXELS, ImageReadError, open_image, working_picture
 from toolkit.errors import ToolkitError
 from toolkit.feedback import FeedbackStore, new_example
-from toolkit.fileio import sha256_file
 from toolkit.inference import Classification, classify
 from toolkit.locate import EXAMPLES_DIR
-from toolkit.runtime import Predictor
+from toolkit.runtime import Predictor, ReloadingPredictor
 
 log = logging.getLogger("toolkit.demo")
 CANVAS = (400, 400)
@@ -51,6 +50,7 @@ SELECT_BRUSH_JS = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click();
   document.body.dataset.brushReady = "1"; }, 300); }"""
 CONCURRENCY = 4
+CARD_REFRESH_S = 5.0
 
 Outputs = tuple[dict[str, float] | None, np.ndarray | None, str]
 
@@ -293,12 +293,13 @@ def _inside(path: Any, folder: Path) -> bool:
         return False
 
 
-def make_handler(predictor: Predictor) -> Any:
+def make_handler(live: ReloadingPredictor) -> Any:
     """The one function behind the sketchpad, the upload tab and the API."""
 
     def predict(image: Any) -> Outputs:
         if image is None:
             return None, None, "nothing to classify"
+        predictor = live.current
         try:
             result = classify(predictor, image, top_k=3)
         except ToolkitError as exc:
@@ -309,14 +310,14 @@ def make_handler(predictor: Predictor) -> Any:
     return predict
 
 
-def make_feedback_handler(predictor: Predictor, store: FeedbackStore) -> Any:
+def make_feedback_handler(live: ReloadingPredictor, store: FeedbackStore) -> Any:
     """Saves what the person says the drawing (or upload) they last classified is."""
-    model_sha256 = sha256_file(predictor.path)
 
     def save(source: str, sketch: Any, upload: Any, given: str | None, confirm: bool = False) -> str:
         image = upload if source == "upload" else sketch
         if image is None:
             return "nothing to save: draw or upload first"
+        predictor = live.current
         try:
             result = classify(predictor, image, top_k=len(predictor.class_names))
             if result.label is None:
@@ -325,7 +326,7 @@ def make_feedback_handler(predictor: Predictor, store: FeedbackStore) -> Any:
             if label not in predictor.class_names:
                 return "pick what it is, then save"
             example = new_example(working_picture(image), result.digit, label, result.label,
-                                  {r["label"]: r["probability"] for r in result.top_k}, model_sha256)
+                                  {r["label"]: r["probability"] for r in result.top_k}, predictor.model_sha256)
             store.save(example)
         except ToolkitError as exc:
             raise _refused(str(exc)) from None
@@ -336,14 +337,18 @@ def make_feedback_handler(predictor: Predictor, store: FeedbackStore) -> Any:
     return save
 
 
-def build_demo(predictor: Predictor, feedback: FeedbackStore | None = None) -> gr.Blocks:
-    """The demo UI around a Predictor; `predict` is also a named API endpoint. With `feedback`,
-    people can say whether an answer was right and correct it; each goes to the store."""
-    predict = make_handler(predictor)
+def build_demo(live: ReloadingPredictor, feedback: FeedbackStore | None = None) -> gr.Blocks:
+    """The demo UI around the export's Predictor (switching when the export is replaced);
+    `predict` is also a named API endpoint. With `feedback`, people can say whether an answer
+    was right and correct it; each goes to the store."""
+    predict, predictor = make_handler(live), live.current
     subject = what_to_draw(predictor)
     with gr.Blocks(title=f"toolkit · draw {subject}", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"# Draw {subject}\n{framing_note(predictor)}")
-        gr.Markdown(model_card(predictor), elem_id="model-card")
+        card = gr.Markdown(model_card(predictor), elem_id="model-card")
+        # The card follows the export: a promoted model shows up without a restart.
+        gr.Timer(CARD_REFRESH_S).tick(lambda: model_card(live.current), None, card, show_progress="hidden",
+                                      api_visibility="private")
         source = gr.State("sketch")  # the tab whose image the feedback is about
         with gr.Row():
             with gr.Column():
@@ -381,7 +386,7 @@ def build_demo(predictor: Predictor, feedback: FeedbackStore | None = None) -> g
         draw_tab.select(lambda: "sketch", None, source, api_visibility="private")
         upload_tab.select(lambda: "upload", None, source, api_visibility="private")
         if feedback is not None:
-            save = make_feedback_handler(predictor, feedback)
+            save = make_feedback_handler(live, feedback)
             save_button.click(save, [source, sketchpad, upload, given], feedback_status, api_name="save_correction")
             right_button.click(lambda *args: save(*args, confirm=True), [source, sketchpad, upload, given],
                                feedback_status, api_name="confirm")
@@ -409,9 +414,9 @@ def launch(
 ) -> gr.Blocks:
     """Load the model and serve the demo (localhost only and no share link unless asked); with
     `feedback_dir`, people's corrections are saved there."""
-    predictor = Predictor(export_dir, provider=provider, threads=threads, check_integrity=check_integrity)
-    log.info("serving %s on onnxruntime-%s", predictor.path, predictor.provider)
-    demo = build_demo(predictor, FeedbackStore(feedback_dir) if feedback_dir is not None else None)
+    live = ReloadingPredictor(export_dir, provider=provider, threads=threads, check_integrity=check_integrity)
+    log.info("serving %s on onnxruntime-%s", live.current.path, live.current.provider)
+    demo = build_demo(live, FeedbackStore(feedback_dir) if feedback_dir is not None else None)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
     try:
         demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,

@@ -820,6 +820,44 @@ def feedback_export(
 
 
 @app.command()
+def promote(
+    candidate: Annotated[Path | None, typer.Argument(help="The fine-tuned export to promote.")] = None,
+    serving: Annotated[Path, typer.Option(help="The export being served (demo or serve).")] = Path("exports/lenet"),
+    heldout: Annotated[Path | None, typer.Option(
+        help="Held-out labelled images (e.g. OUT/heldout of `toolkit feedback export`).")] = None,
+    max_acc_drop: Annotated[float, typer.Option(help="Test-accuracy points the candidate may lose.")] = 0.2,
+    data_dir: DataDirOption = None,
+    out: Annotated[Path, typer.Option(help="Where promotion.json and changed.png go.")] = BENCH_DIR / "promotion",
+    rollback: Annotated[bool, typer.Option("--rollback", help="Bring back the export the last promotion "
+                                           "replaced (and keep the current one in its place).")] = False,
+) -> None:
+    """Replace the served export with CANDIDATE only if its parity holds, it loses at most
+    --max-acc-drop points on the test set and it is right more often on --heldout; otherwise
+    nothing changes. The replaced export is kept as SERVING.previous.
+
+    Example: toolkit promote exports/lenet-tuned --serving exports/lenet --heldout corrections/heldout
+    """
+    from toolkit.promote import promote as promote_export
+    from toolkit.promote import rollback as roll_back
+
+    if rollback:
+        if candidate is not None or heldout is not None:
+            raise ToolkitError("takes only `serving`", option="rollback")
+        kept = roll_back(serving)
+        console.print(f"rolled back: {serving} is the previous export again; the replaced one is kept as {kept}")
+        return
+    if candidate is None or heldout is None:
+        raise ToolkitError("needs a CANDIDATE export and `heldout` images (or pass `rollback`)")
+    with console.status("scoring the candidate and the served model..."):
+        result = promote_export(candidate, serving, heldout, data_dir=data_dir, max_acc_drop=max_acc_drop,
+                                report_dir=out)
+    console.print(f"report: {out / 'promotion.json'}, {out / 'changed.png'}")
+    if not result.promoted:
+        raise ToolkitError(f"not promoted, {serving} unchanged: {result.reason}")
+    console.print(f"{result.reason}; the replaced export is kept as {result.kept_as}")
+
+
+@app.command()
 def models() -> None:
     """List the model zoo: name, parameters, description."""
     from rich.table import Table

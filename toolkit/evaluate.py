@@ -69,6 +69,15 @@ def _checkpoint_integrity(path: Path, check: bool) -> str:
     return "verified against its manifest"
 
 
+def model_logits(model: ScoringModel, pixels: np.ndarray) -> np.ndarray:
+    """The model's logits for float32 images [N, 1, 28, 28] in [0, 1], in batches; broken
+    (not finite) output is an error."""
+    logits = np.concatenate([model.run(chunk)[0] for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
+    if not np.isfinite(logits).all():
+        raise ToolkitError(f"{model.source}: the model's output is not finite (NaN or infinity): it is broken")
+    return logits
+
+
 def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
     true_positive = np.diag(matrix).astype(float)
     predicted = matrix.sum(0).astype(float)
@@ -113,9 +122,7 @@ def evaluate(
                                f"{len(model.class_names)}")
         test = load_split(dataset, data_dir, train=False)
         pixels, labels = test.pixels().numpy(), test.labels.numpy()
-    logits = np.concatenate([model.run(chunk)[0] for chunk in np.array_split(pixels, -(-len(pixels) // BATCH))])
-    if not np.isfinite(logits).all():
-        raise ToolkitError(f"{model.source}: the model's output is not finite (NaN or infinity): it is broken")
+    logits = model_logits(model, pixels)
     predicted = logits.argmax(1)
     n = len(model.class_names)
     matrix = np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)

@@ -75,10 +75,12 @@ def export_verified(
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
+def staged_directory(target: str | Path, keep_previous: str | Path | None = None) -> Iterator[Path]:
     """Build into a fresh sibling dir; swap it in for `target` only if the block succeeds.
 
-    A symbolic link is followed: the folder it points to is replaced, the link stays.
+    A symbolic link is followed: the folder it points to is replaced, the link stays. With
+    `keep_previous` (a sibling path), the replaced folder is moved there, replacing what was
+    kept before, instead of being deleted.
     """
     try:  # '.', '..' and links name the folder they stand for
         target = Path(target).resolve()
@@ -99,6 +101,9 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         if target.exists():
             os.replace(target, backup)
         os.replace(stage, target)
+        if keep_previous is not None and backup.exists():
+            shutil.rmtree(keep_previous, ignore_errors=True)
+            os.replace(backup, keep_previous)
         shutil.rmtree(backup, ignore_errors=True)
     except OSError as exc:
         raise ToolkitError(f"cannot write export to {target}: {exc.strerror or exc}") from exc

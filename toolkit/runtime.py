@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
+import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from toolkit.errors import ToolkitError
 from toolkit.framing import Framing
 from toolkit.manifest import part_of_export, prove, read_manifest
 
+log = logging.getLogger("toolkit.runtime")
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 # Images per onnxruntime run on the CPU. A zoo model's activations for 128 images take a few MB
@@ -221,6 +226,13 @@ class Predictor:
         except ToolkitError as exc:
             raise ToolkitError(f"cannot serve {self.path}: {exc}") from None
 
+    @functools.cached_property
+    def model_sha256(self) -> str:
+        """The served ONNX file's sha256 (what feedback records a correction was made against)."""
+        from toolkit.fileio import sha256_file
+
+        return sha256_file(self.path)
+
     def _manifest_if_readable(self) -> dict[str, Any]:
         try:
             return read_manifest(self.path.parent)
@@ -279,3 +291,49 @@ class Predictor:
             "integrity": self.integrity,
             "provider": self.provider,
         }
+
+
+class ReloadingPredictor:
+    """The Predictor of whatever export is at a path now: when the export there changes (`toolkit
+    promote` swaps a new one in, or `toolkit export` replaces it), the next `current` loads it.
+    Callers take `current` once per request, so a request in flight finishes on the model it
+    started with. A new export that fails to load (or its checks) is logged, and the old model
+    keeps serving."""
+
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, model: str | Path, **predictor_options: Any) -> None:
+        self.model, self.options = Path(model), predictor_options
+        self._predictor = Predictor(model, **predictor_options)
+        self._stamp, self._checked = self._changes(), time.monotonic()
+        self._lock = threading.Lock()
+
+    def _changes(self) -> tuple[int, int, int] | None:
+        """What changes when the export at the path is replaced: its manifest's (or the bare
+        model's) inode, size and modification time."""
+        watched = self.model / "manifest.json" if self.model.is_dir() else self.model
+        try:
+            stat = watched.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    @property
+    def current(self) -> Predictor:
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_EVERY_S or not self._lock.acquire(blocking=False):
+            return self._predictor
+        try:
+            self._checked = now
+            stamp = self._changes()
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._predictor = Predictor(self.model, **self.options)
+                    log.info("switched to the export now at %s", self.model)
+                except ToolkitError as exc:
+                    log.error("kept serving the previous model: the export now at %s does not load: %s",
+                              self.model, exc)
+        finally:
+            self._lock.release()
+        return self._predictor
