@@ -201,10 +201,24 @@ MALFORMED = {
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "shape": [True, 1, 28, 28]}]}, bytes(3136)),
     "binary header input without datatype": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "data": [0.5] * 784}]}, b""),
+    "binary header with a numeric id": _binary({**_GOOD_HEADER, "id": 5}, bytes(3136)),
+    "binary header with parameters not an object": _binary({**_GOOD_HEADER, "parameters": [1]}, bytes(3136)),
+    "binary header with outputs as a string": _binary({**_GOOD_HEADER, "outputs": "logits"}, bytes(3136)),
+    "binary header nested too deeply": (b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b',"inputs":[]}',
+                                        {"Inference-Header-Content-Length": str(200_018)}),
+    "pixels of 0..255": (json.dumps(_tensor(data=[255.0] * 784)).encode(), {}),
+    "pixels near float's limit": (json.dumps(_tensor(data=[3e38] * 784)).encode(), {}),
     "binary BOOL tensor": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
                      "parameters": {"binary_data_size": 784}}]}, bytes(784)),
 }
+
+
+def test_the_binary_header_sent_twice_gets_a_400(served):
+    header = json.dumps(_GOOD_HEADER).encode()
+    headers = [("Inference-Header-Content-Length", "5"), ("Inference-Header-Content-Length", str(len(header)))]
+    response = httpx.post(f"{served['url']}/v2/models/lenet/infer", content=header + bytes(3136), headers=headers)
+    assert response.status_code == 400 and "more than once" in response.json()["error"]
 
 
 @pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))

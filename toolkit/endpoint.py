@@ -51,6 +51,10 @@ def _client(url: str) -> Any:
         raise ToolkitError(f"not a valid URL: {url!r} ({exc})", option="endpoint") from None
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ToolkitError(f"not an http(s) URL: {url!r}", option="endpoint")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        # The protocol's routes start at the server's root (/v2/...); a client cannot add a prefix.
+        raise ToolkitError(f"takes the server's root (scheme, host and port), not a path or query: {url!r}",
+                           option="endpoint")
     return httpclient.InferenceServerClient(parsed.netloc, ssl=parsed.scheme == "https", network_timeout=60,
                                             connection_timeout=10)
 
@@ -154,6 +158,8 @@ def verify_endpoint(
         raise ToolkitError(f"export dir not found: {export_dir}")
     model = model or serving_name(export_dir)
     client = _client(url)
+    if not _call("a liveness check", url, client.is_server_live):
+        raise ToolkitError(f"cannot reach a live OIP server at {url}")
     if not _call("a readiness check", url, lambda: client.is_model_ready(model)):
         raise ToolkitError(f"{url} has no ready model {model!r}; pass the served name with `model`")
     reference = reference_outputs(export_dir, data_dir)

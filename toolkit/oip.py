@@ -88,6 +88,11 @@ def images_from(request: InferRequest) -> np.ndarray:
     images = _as_numpy(tensor)
     if not np.isfinite(images).all():
         raise InvalidInput(f"input {INPUT_NAME!r} holds NaN or infinite values")
+    if images.size and not (images.min() >= 0 and images.max() <= 1):
+        # The contract: pixels in [0, 1]. Far outside it the model's output overflows, and 0..255
+        # pixels would be answered, wrongly, without a word.
+        raise InvalidInput(f"input {INPUT_NAME!r} holds pixels from {images.min():g} to {images.max():g}; they must "
+                           "be in [0, 1] (white digit on black; divide 0..255 pixels by 255)")
     return np.ascontiguousarray(images, dtype=np.float32)
 
 

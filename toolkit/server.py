@@ -18,11 +18,12 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from grpc_interceptor import AsyncServerInterceptor
 
@@ -44,7 +45,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
-BODY_TIMEOUT_S = 30  # longest wait for a body's next bytes: a stalled client holds a slot for nothing
+BODY_TIMEOUT_S = 20  # longest a body may take to arrive: a stalled client holds a slot for nothing
 CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
 
 
@@ -121,10 +122,19 @@ async def _answer(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def invalid_request_message(errors: Sequence[Any]) -> str:
+    """One line for pydantic's validation errors of an inference request: the first, and where."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return f"invalid inference request: {first.get('msg', 'unreadable')}" + (f" at {where}" if where else "")
+
+
 def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
     """What is wrong with a request in the binary tensor extension's framing, or None: the JSON
     header's length, the header itself, and each input's `binary_data_size` against its shape."""
-    from kserve.utils.numpy_codec import to_np_dtype  # kserve only after toolkit.oip's argv guard
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest  # kserve only after toolkit.oip's argv guard
+    from kserve.utils.numpy_codec import to_np_dtype
+    from pydantic import ValidationError
 
     try:
         length = int(header_length)
@@ -134,11 +144,17 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
         return f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
     try:
         header = json.loads(body[:length])
-    except ValueError:
+    except (ValueError, RecursionError):
         return "the request's JSON header is not valid JSON"
     inputs = header.get("inputs") if isinstance(header, dict) else None
     if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
         return "the request's JSON header has no list of inputs"
+    # The same model the JSON path is validated with (ids, parameters, outputs, names, shapes),
+    # with the binary inputs' data standing in as empty.
+    try:
+        InferenceRequest.model_validate({**header, "inputs": [{"data": [], **tensor} for tensor in inputs]})
+    except ValidationError as exc:
+        return invalid_request_message(exc.errors())
     offset = length
     for tensor in inputs:
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
@@ -242,9 +258,10 @@ class ProtocolGuard:
             await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + BODY_TIMEOUT_S
         while True:
             try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 await _answer(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S} s")
                 return
@@ -258,6 +275,9 @@ class ProtocolGuard:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        if sum(name == _BINARY_HEADER for name, _ in scope["headers"]) > 1:
+            await _answer(send, 400, "Inference-Header-Content-Length is sent more than once")
+            return None
         if _BINARY_HEADER in headers:
             problem = binary_request_problem(headers[_BINARY_HEADER], body)
             if problem:
@@ -356,10 +376,7 @@ def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], li
                              "parameters": model.parameters})
 
     async def invalid(_: Any, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return JSONResponse({"error": f"invalid inference request: {first.get('msg', 'unreadable')}"
-                                      + (f" at {where}" if where else "")}, status_code=400)
+        return JSONResponse({"error": invalid_request_message(exc.errors())}, status_code=400)
 
     # Before KServe's own routes are added, so this richer metadata answers first.
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
@@ -393,21 +410,24 @@ def serve(export_dir: str | Path, options: ServeOptions,
     _drop_timing_middleware(app)
 
     async def run() -> None:
-        servers = [asyncio.create_task(rest._server.serve(sockets=[sock]))]
-        grpc = None
+        rest_server = asyncio.create_task(rest._server.serve(sockets=[sock]))
+        grpc_stopped = None
         if grpc_sock is not None:
             grpc_sock.close()  # grpc binds by address; the check above made sure it was free
-            grpc = await _start_grpc(dataplane, extension, options.host, options.grpc_port, frozenset(models))
-        while not rest._server.started and not servers[0].done():
+            grpc_server = await _start_grpc(dataplane, extension, options.host, options.grpc_port, frozenset(models))
+            grpc_stopped = asyncio.create_task(_stop_with(rest._server, grpc_server))
+        while not rest._server.started and not rest_server.done():
             await asyncio.sleep(0.02)
         if rest._server.started and on_ready is not None:
             port = sock.getsockname()[1]
-            on_ready(f"http://{options.host}:{port}", [tensor_model.name, image_model.name])
+            host = f"[{options.host}]" if ":" in options.host else options.host
+            on_ready(f"http://{host}:{port}", [tensor_model.name, image_model.name])
         try:
-            await servers[0]
+            await rest_server
         finally:
-            if grpc is not None:
-                await grpc.stop(grace=GRACE_SECONDS)
+            if grpc_stopped is not None:
+                rest._server.should_exit = True  # also when REST ended by failing
+                await grpc_stopped
             batcher.close()
 
     # uvicorn handles SIGTERM and Ctrl-C itself (stop accepting, finish requests in flight),
@@ -439,7 +459,19 @@ class GrpcCounter(AsyncServerInterceptor):
                 return await method(request, context)
             finally:
                 code = context.code()
+                if code is None and context.cancelled():  # the client gave up, or its deadline passed
+                    remaining = context.time_remaining()
+                    expired = remaining is not None and remaining <= 0
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 outcome["status"] = code.name if code is not None else "OK"
+
+
+async def _stop_with(rest_server: Any, grpc_server: Any) -> None:
+    """Stop gRPC when REST begins to (SIGTERM, Ctrl-C or a failed start): both stop taking new
+    calls at once, and let the calls in flight finish."""
+    while not rest_server.should_exit:
+        await asyncio.sleep(0.1)
+    await grpc_server.stop(grace=GRACE_SECONDS)
 
 
 async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, models: frozenset[str]) -> Any:
