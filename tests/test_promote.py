@@ -5,13 +5,14 @@ import json
 import shutil
 import time
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 
 from tests.conftest import run_cli
 from toolkit.app import launch
 from toolkit.inference import classify
-from toolkit.launch import free_port
+from toolkit.launch import free_port, toolkit_server
 from toolkit.runtime import Predictor
 from toolkit.styled import write_styled_digits
 
@@ -109,3 +110,25 @@ def test_a_running_demo_switches_to_the_promoted_model(setting, tmp_path, mnist_
             label = client.predict(handle_file(str(changed)), api_name="/predict")[0]["label"]
     finally:
         demo.close()
+
+
+def test_a_running_server_switches_to_the_promoted_model(setting, tmp_path, mnist_dir):
+    serving = _serving(setting, tmp_path)
+    new = Predictor(setting / "exports" / "tuned", provider="cpu")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with toolkit_server(["serve", str(serving), "--port", str(port), "--provider", "cpu"],
+                        ready_url=f"{url}/v2/health/ready"):
+        def served_checkpoint():
+            return httpx.get(f"{url}/v2/models/lenet").json()["parameters"]["checkpoint_sha256"]
+
+        assert served_checkpoint() != new.metadata["source_checkpoint_sha256"]
+        assert _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir).returncode == 0
+        deadline = time.monotonic() + 60
+        while served_checkpoint() != new.metadata["source_checkpoint_sha256"]:
+            assert time.monotonic() < deadline, "the server still serves the old model"
+            time.sleep(0.2)
+        report = tmp_path / "endpoint.json"
+        checked = run_cli("verify", setting / "exports" / "tuned", "--endpoint", url, "--model", "lenet",
+                          "--json", report)
+        assert checked.returncode == 0, checked.stdout + checked.stderr  # the promoted model, answer for answer

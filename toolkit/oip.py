@@ -28,8 +28,9 @@ from toolkit.batching import DynamicBatcher
 from toolkit.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
 from toolkit.decode import open_image
 from toolkit.errors import ToolkitError
+from toolkit.framing import Framing
 from toolkit.preprocess import preprocess
-from toolkit.runtime import Predictor
+from toolkit.runtime import Predictor, ReloadingPredictor
 
 
 def _import_kserve() -> Any:
@@ -134,14 +135,33 @@ async def _run(batcher: DynamicBatcher, images: np.ndarray) -> list[np.ndarray]:
 
 
 class ExportModel(kserve.Model):
-    """A model of one export: its Predictor, the batcher it shares, and the parameters its
-    metadata shows. Ready once built (the Predictor has loaded and checked the export)."""
+    """A model of the export at a path (switching when it is replaced, e.g. promoted) and the
+    batcher it shares. Ready once built (the Predictor has loaded and checked the export)."""
 
-    def __init__(self, name: str, predictor: Predictor, batcher: DynamicBatcher,
-                 parameters: dict[str, Any]) -> None:
+    def __init__(self, name: str, live: ReloadingPredictor, batcher: DynamicBatcher) -> None:
         super().__init__(name)
-        self.predictor, self.batcher, self.parameters = predictor, batcher, parameters
+        self.live, self.batcher = live, batcher
         self.ready = True
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.live.current
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """What the metadata endpoint tells about the served export beyond its tensors."""
+        predictor = self.predictor
+        parity = predictor.manifest.get("parity") or {}
+        return {
+            "class_names": predictor.class_names,
+            "dataset": predictor.metadata.get("dataset"),
+            "arch": predictor.metadata.get("arch"),
+            "normalization_in_graph": predictor.metadata.get("normalization_baked_in"),
+            "checkpoint_sha256": predictor.metadata.get("source_checkpoint_sha256"),
+            "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+            "integrity": predictor.integrity,
+            "provider": predictor.provider,
+        }
 
 
 class TensorModel(ExportModel):
@@ -184,9 +204,10 @@ class ImageModel(ExportModel):
             raise InvalidInput(f"the request's images hold {total:,} pixels, more than {MAX_PIXELS_PER_REQUEST:,}; "
                                "send fewer or smaller images per request")
 
-    def _frame(self, index: int, data: bytes) -> np.ndarray | None:
+    @staticmethod
+    def _frame(index: int, data: bytes, framing: Framing) -> np.ndarray | None:
         try:
-            return preprocess(data, self.predictor.framing)
+            return preprocess(data, framing)
         except ToolkitError as exc:
             raise InvalidInput(f"input {INPUT_NAME!r}[{index}]: {exc}") from None
 
@@ -194,9 +215,11 @@ class ImageModel(ExportModel):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         files = encoded_images_from(payload)
         self._check_pixels(files)
-        digits = await asyncio.to_thread(lambda: [self._frame(i, data) for i, data in enumerate(files)])
+        predictor = self.predictor  # one model for the whole request
+        digits = await asyncio.to_thread(lambda: [self._frame(i, data, predictor.framing)
+                                                  for i, data in enumerate(files)])
         found = [i for i, digit in enumerate(digits) if digit is not None]
-        classes = self.predictor.class_names
+        classes = predictor.class_names
         probabilities = np.zeros((len(files), len(classes)), dtype=np.float32)
         labels = np.array([""] * len(files), dtype=object)  # "": nothing to classify, predict's null
         if found:

@@ -31,7 +31,7 @@ from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, Dynam
 from toolkit.contract import image_model_name, serving_name
 from toolkit.errors import ToolkitError
 from toolkit.oip import BinaryKeepingDataPlane, ExportModel, ImageModel, ReadOnlyRepositoryExtension, TensorModel
-from toolkit.runtime import Predictor
+from toolkit.runtime import ReloadingPredictor
 
 log = logging.getLogger("toolkit.serve")
 
@@ -318,37 +318,21 @@ def _drop_timing_middleware(app: Any) -> None:
     app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
-def model_parameters(predictor: Predictor) -> dict[str, Any]:
-    """What the metadata endpoint tells about the served export beyond its tensors."""
-    parity = predictor.manifest.get("parity") or {}
-    return {
-        "class_names": predictor.class_names,
-        "dataset": predictor.metadata.get("dataset"),
-        "arch": predictor.metadata.get("arch"),
-        "normalization_in_graph": predictor.metadata.get("normalization_baked_in"),
-        "checkpoint_sha256": predictor.metadata.get("source_checkpoint_sha256"),
-        "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
-        "integrity": predictor.integrity,
-        "provider": predictor.provider,
-    }
-
-
 def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorModel, ImageModel, DynamicBatcher]:
-    """The tensor and image models of one export, sharing a Predictor and a batcher."""
+    """The tensor and image models of one export, sharing a Predictor (reloaded when the export
+    at the path is replaced) and a batcher."""
     options.validate()
-    predictor = Predictor(export_dir, provider=options.provider, threads=options.threads,
-                          check_integrity=options.check_integrity)
-    name = options.name or serving_name(predictor.path.parent)  # the export dir, or a bare .onnx's folder
+    live = ReloadingPredictor(export_dir, provider=options.provider, threads=options.threads,
+                              check_integrity=options.check_integrity)
+    name = options.name or serving_name(live.current.path.parent)  # the export dir, or a bare .onnx's folder
 
     def counted(images: int, requests: int) -> None:
         METRICS["batch_images"].observe(images)
         METRICS["batch_requests"].observe(requests)
 
-    batcher = DynamicBatcher(predictor.run, max_batch_size=options.max_batch_size,
+    batcher = DynamicBatcher(lambda images: live.current.run(images), max_batch_size=options.max_batch_size,
                              max_delay_s=options.max_batch_delay_ms / 1000, on_batch=counted)
-    parameters = model_parameters(predictor)
-    return (TensorModel(name, predictor, batcher, parameters),
-            ImageModel(image_model_name(name), predictor, batcher, parameters), batcher)
+    return TensorModel(name, live, batcher), ImageModel(image_model_name(name), live, batcher), batcher
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
