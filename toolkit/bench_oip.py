@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import itertools
 import statistics
 import threading
@@ -26,7 +25,7 @@ from PIL import Image
 
 from toolkit.bench import machine, percentile_us
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
-from toolkit.decode import load_image
+from toolkit.decode import encode_png, load_image
 from toolkit.errors import ToolkitError
 from toolkit.launch import free_port, rss_mb, server_process, toolkit_server
 from toolkit.preprocess import preprocess
@@ -137,12 +136,8 @@ def bare_endpoint() -> Any:
 
 
 def _image_files(examples: list[Path]) -> list[bytes]:
-    files = []
-    for path, side in itertools.product(examples, IMAGE_SIDES):
-        buffer = io.BytesIO()
-        load_image(path).convert("L").resize((side, side), Image.Resampling.BILINEAR).save(buffer, "PNG")
-        files.append(buffer.getvalue())
-    return files
+    return [encode_png(load_image(path).convert("L").resize((side, side), Image.Resampling.BILINEAR))
+            for path, side in itertools.product(examples, IMAGE_SIDES)]
 
 
 def bench_oip(export_dir: str | Path, examples: list[Path], *,

@@ -773,11 +773,8 @@ def feedback_review(
     table = Table(title=f"{folder}: {report['examples']} examples, {report['corrected']} corrected")
     for column in ("class", "examples", "model was wrong"):
         table.add_column(column, justify="left" if column == "class" else "right")
-    wrong = {}
-    for confusion in report["confusions"]:
-        wrong[confusion["label"]] = wrong.get(confusion["label"], 0) + confusion["count"]
     for name, count in report["per_class"].items():
-        table.add_row(name, str(count), str(wrong.get(name, 0)))
+        table.add_row(name, str(count), str(report["wrong_per_class"].get(name, 0)))
     console.print(table)
     for confusion in report["confusions"][:10]:
         console.print(f"{confusion['label']} taken for {confusion['predicted']}: {confusion['count']}",

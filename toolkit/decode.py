@@ -31,6 +31,15 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
         yield from found or [path]
 
 
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """An image as PNG file bytes: a PIL image, or a float array in [0, 1] (as a model sees it)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 class ImageReadError(ToolkitError):
     """The input cannot be read as an image."""
 

@@ -9,7 +9,6 @@ top-1 everywhere); an image model (`NAME-image`, when the endpoint has one) to t
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image
 
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
+from toolkit.decode import encode_png
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.inference import classify
@@ -91,16 +90,6 @@ def oip_runner(client: Any, url: str, model: str, classes: int) -> Runner:
     return run
 
 
-def png_files(pixels: np.ndarray) -> list[bytes]:
-    """Float [N, 28, 28] images in [0, 1] as PNG files, as a person would upload them."""
-    files = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(buffer, "PNG")
-        files.append(buffer.getvalue())
-    return files
-
-
 def _image_answers(client: Any, url: str, model: str, files: list[bytes], classes: int) -> np.ndarray:
     import tritonclient.http as httpclient
 
@@ -126,7 +115,7 @@ def _image_check(client: Any, url: str, model: str, export_dir: Path, reference:
     preprocessing) on the first IMAGE_SAMPLES test digits, sent as PNG files."""
     predictor = Predictor(export_dir, provider="cpu")
     pixels = reference.batches[0][:IMAGE_SAMPLES, 0]  # the test set comes first
-    files = png_files(pixels)
+    files = [encode_png(image) for image in pixels]
     local = np.zeros((len(files), reference.num_classes), dtype=np.float32)
     for index, data in enumerate(files):
         answer = classify(predictor, data, top_k=reference.num_classes)

@@ -16,7 +16,6 @@ import base64
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import os
 import uuid
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from toolkit.decode import load_image
+from toolkit.decode import encode_png, load_image
 from toolkit.errors import ToolkitError
 from toolkit.fileio import DIR_MODE, files_together, write_bytes, write_json
 
@@ -79,15 +78,6 @@ class Example:
             raise ToolkitError(f"not a feedback example: {str(exc)[:120]}") from None
         load_image(example.drawing_png)  # refuses what is not an image, or too big to decode
         return example
-
-
-def png(image: Image.Image | np.ndarray) -> bytes:
-    """An image (a PIL image, or a float array in [0, 1]) as PNG bytes."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 class FeedbackStore:
@@ -152,7 +142,7 @@ class FeedbackStore:
 def new_example(drawing: Image.Image, seen: np.ndarray, label: str, predicted: str,
                 probabilities: dict[str, float], model_sha256: str) -> Example:
     return Example(uuid.uuid4().hex, label, predicted, probabilities, model_sha256,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"), png(drawing), png(seen))
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), encode_png(drawing), encode_png(seen))
 
 
 def is_heldout(example_id: str, percent: int = HELDOUT_PERCENT) -> bool:
@@ -168,6 +158,7 @@ def summary(examples: list[Example]) -> dict[str, Any]:
     return {"examples": len(examples), "corrected": len(wrong), "confirmed": len(examples) - len(wrong),
             "wrong_rate": len(wrong) / len(examples) if examples else None,
             "per_class": dict(sorted(per_class.items())),
+            "wrong_per_class": dict(sorted(Counter(e.label for e in wrong).items())),
             "confusions": [{"label": label, "predicted": predicted, "count": count} for (label, predicted), count
                            in Counter((e.label, e.predicted) for e in wrong).most_common()],
             "models": dict(Counter(e.model_sha256 for e in examples))}
