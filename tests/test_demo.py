@@ -312,3 +312,10 @@ def test_a_correction_made_in_the_browser_is_saved_with_all_its_fields(server, f
     assert drawing.size == (400, 400) and seen.size == (28, 28)
     index = [json.loads(line) for line in (feedback_dir / "index.jsonl").read_text().splitlines()]
     assert example["id"] in {line["id"] for line in index}
+
+
+def test_feedback_on_an_upload_can_be_saved_through_the_api(client, feedback_dir):
+    message = client.predict(None, handle_file(str(EXAMPLES[3])), "5", api_name="/save_correction")
+    assert "saved as 5" in message
+    saved = [json.loads(p.read_text()) for p in feedback_dir.glob("*.json")]
+    assert any(e["label"] == "5" and e["predicted"] == example_label(EXAMPLES[3]) for e in saved)

@@ -253,6 +253,7 @@ CASES = [
     ("train lenet --init-from {run} --dataset fashion-mnist", "was trained on mnist, not fashion-mnist", 1),
     ("train lenet --extra-data {bad}/nowhere", "is not a folder of class folders", 1),
     ("train lenet --extra-weight 0", "--extra-weight must be a whole number from 1 to 1000, got 0", 1),
+    ("train lenet --extra-weight 5", "--extra-weight applies to --extra-data only", 1),
     ("evaluate {export} --images {bad}", "holds no readable images in class folders named 0, 1", 1),
     ("evaluate {export} --images {bad} --dataset mnist", "--dataset evaluates the test set of a dataset", 1),
     # Serving and checking a served endpoint.

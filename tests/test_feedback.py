@@ -4,6 +4,7 @@ examples reported and not fatal, a review, and an export whose split never moves
 import base64
 import json
 import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -80,12 +81,34 @@ def test_files_that_are_not_examples_are_reported_and_the_rest_read(tmp_path):
     assert {p.split(":")[0] for p in problems} == {"notes.json", "cut.json", "other-name.json", "bomb.json"}
 
 
+def test_labels_that_are_not_class_names_never_leave_the_export_folder(tmp_path):
+    folder = tmp_path / "fb"
+    store = FeedbackStore(folder)
+    good = store.save(_example())
+    for name, label in (("up", "../../escaped"), ("root", str(tmp_path / "abs")), ("dot", ".")):
+        forged = json.loads(good.read_text())
+        forged.update(id=name, label=label)
+        (folder / f"{name}.json").write_text(json.dumps(forged))
+    small = json.loads(good.read_text())
+    small.update(id="small", seen_png=small["drawing_png"])  # 400x400 where the 28x28 belongs
+    (folder / "small.json").write_text(json.dumps(small))
+    os.mkfifo(folder / "pipe.json")
+    examples, problems = store.examples()
+    assert len(examples) == 1 and len(problems) == 5
+    export_image_folder(examples, tmp_path / "out")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
+    assert [p.relative_to(tmp_path / "out").parts[1] for p in (tmp_path / "out").rglob("*.png")] == ["3"]
+
+
 def test_dropping_an_example_and_refusing_paths(tmp_path):
     store = FeedbackStore(tmp_path / "fb")
     example = _example()
     store.save(example)
-    with pytest.raises(ToolkitError, match="no example"):
-        store.drop("../fb/" + example.id)
+    (tmp_path / "fb" / "notes.json").write_text("{}")
+    for odd in ("../fb/" + example.id, "notes", "x" * 300):
+        with pytest.raises(ToolkitError, match="no example"):
+            store.drop(odd)
+    assert (tmp_path / "fb" / "notes.json").exists()  # only examples are dropped
     store.drop(example.id)
     assert store.examples()[0] == []
 
@@ -126,4 +149,6 @@ def test_review_and_export_on_the_command_line(tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert len(list((tmp_path / "images").rglob("*.png"))) == 4
     again = run_cli("feedback", "export", folder, tmp_path / "images")
-    assert again.returncode == 1 and "exists and is not empty" in again.stderr
+    assert again.returncode == 1 and "exists and is not an empty folder" in again.stderr
+    into_a_file = run_cli("feedback", "export", folder, folder / "index.jsonl")
+    assert into_a_file.returncode == 1 and "Traceback" not in into_a_file.stderr

@@ -1,6 +1,7 @@
 """`toolkit promote`: a candidate replaces the served export only when it is better, the previous
 one is kept and comes back with --rollback, and a running demo switches without a restart."""
 
+import fcntl
 import json
 import shutil
 import time
@@ -132,3 +133,24 @@ def test_a_running_server_switches_to_the_promoted_model(setting, tmp_path, mnis
         checked = run_cli("verify", setting / "exports" / "tuned", "--endpoint", url, "--model", "lenet",
                           "--json", report)
         assert checked.returncode == 0, checked.stdout + checked.stderr  # the promoted model, answer for answer
+
+
+def test_a_previous_that_is_not_an_export_is_never_overwritten(setting, tmp_path, mnist_dir):
+    serving = _serving(setting, tmp_path)
+    kept = serving.with_name("lenet.previous")
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    before = _files(serving)
+    result = _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir)
+    assert result.returncode == 1 and "refusing to replace it" in result.stderr
+    assert _files(serving) == before and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_promotions_of_one_export_do_not_race(setting, tmp_path, mnist_dir):
+    serving = _serving(setting, tmp_path)
+    with open(serving.with_name(".lenet.promote.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a promotion in progress holds it
+        result = _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir)
+        rollback = run_cli("promote", "--rollback", "--serving", serving)
+    assert result.returncode == 1 and "another promotion or rollback" in result.stderr
+    assert rollback.returncode == 1 and "another promotion or rollback" in rollback.stderr

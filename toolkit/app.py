@@ -314,7 +314,7 @@ def make_feedback_handler(live: ReloadingPredictor, store: FeedbackStore) -> Any
     """Saves what the person says the drawing (or upload) they last classified is."""
 
     def save(source: str, sketch: Any, upload: Any, given: str | None, confirm: bool = False) -> str:
-        image = upload if source == "upload" else sketch
+        image = upload if source == "upload" or sketch is None else sketch  # API callers send one of them
         if image is None:
             return "nothing to save: draw or upload first"
         predictor = live.current

@@ -805,8 +805,8 @@ def feedback_export(
     folder grows."""
     from toolkit.feedback import FeedbackStore, export_image_folder
 
-    if out.exists() and any(out.iterdir()):
-        raise ToolkitError(f"{out} exists and is not empty; choose a new folder", option="out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ToolkitError(f"{out} exists and is not an empty folder; choose a new folder", option="out")
     examples, problems = FeedbackStore(folder).examples()
     for problem in problems:
         err_console.print(problem, highlight=False)

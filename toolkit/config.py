@@ -122,6 +122,8 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", *,
         raise ToolkitError(f"applies to `optimizer` sgd only, this run uses {config.optimizer}",
                            option="momentum")
     config.validate()
+    if overrides.get("extra_weight") is not None and extra_data is None:
+        raise ToolkitError("applies to `extra_data` only", option="extra_weight")
     return config
 
 

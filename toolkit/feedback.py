@@ -37,6 +37,7 @@ FORMAT, VERSION = "toolkit-feedback", 1
 INDEX = "index.jsonl"
 MAX_EXAMPLES = 10_000
 MAX_BYTES = 500 * 1024 * 1024
+MAX_EXAMPLE_BYTES = 16 * 1024 * 1024  # a drawing of at most 1024x1024 and a 28x28, as PNG in base64
 CONTACT_SHEET = 64  # corrected drawings shown in feedback.png
 HELDOUT_PERCENT = 50  # of examples, chosen by id: an example never moves as the folder grows
 
@@ -76,7 +77,15 @@ class Example:
                           base64.b64decode(data["seen_png"], validate=True))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ToolkitError(f"not a feedback example: {str(exc)[:120]}") from None
+        # Labels become folder names on export: only the model's own class names will do.
+        for field_name in ("label", "predicted"):
+            if getattr(example, field_name) not in example.probabilities:
+                raise ToolkitError(f"not a feedback example: its {field_name} is not one of its classes")
+        if any(Path(name).name != name or name in ("", ".", "..") for name in example.probabilities):
+            raise ToolkitError("not a feedback example: a class name is not a plain name")
         load_image(example.drawing_png)  # refuses what is not an image, or too big to decode
+        if load_image(example.seen_png).size != (28, 28):
+            raise ToolkitError("not a feedback example: what the model saw is not 28x28")
         return example
 
 
@@ -122,6 +131,8 @@ class FeedbackStore:
         found, problems = [], []
         for path in sorted(self.folder.glob("*.json")):
             try:
+                if not path.is_file() or path.stat().st_size > MAX_EXAMPLE_BYTES:
+                    raise ToolkitError(f"not a regular file of at most {MAX_EXAMPLE_BYTES // 2**20} MB")
                 example = Example.from_json(json.loads(path.read_bytes()))
                 if example.id != path.stem:
                     raise ToolkitError(f"its id {example.id!r} is not its file name")
@@ -132,11 +143,11 @@ class FeedbackStore:
 
     def drop(self, example_id: str) -> None:
         """Remove one example (the index keeps its line: it records what was saved)."""
-        path = self.folder / f"{example_id}.json"
-        if Path(example_id).name != example_id or not path.is_file():
-            raise ToolkitError(f"no example {example_id!r} in {self.folder}")
+        ids = {example.id for example in self.examples()[0]}
+        if example_id not in ids:
+            raise ToolkitError(f"no example {example_id[:80]!r} in {self.folder}")
         with self._locked():
-            path.unlink()
+            (self.folder / f"{example_id}.json").unlink()
 
 
 def new_example(drawing: Image.Image, seen: np.ndarray, label: str, predicted: str,
@@ -171,12 +182,15 @@ def export_image_folder(examples: list[Example], out: str | Path,
     if not 0 <= heldout_percent <= 100:
         raise ToolkitError(f"must be between 0 and 100, got {heldout_percent}", option="heldout_percent")
     counts = {"train": 0, "heldout": 0}
-    for example in examples:
-        part = "heldout" if is_heldout(example.id, heldout_percent) else "train"
-        folder = Path(out) / part / example.label
-        folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        write_bytes(folder / f"{example.id}.png", example.drawing_png)
-        counts[part] += 1
+    try:
+        for example in examples:
+            part = "heldout" if is_heldout(example.id, heldout_percent) else "train"
+            folder = Path(out) / part / example.label  # a class name: checked when the example was read
+            folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            write_bytes(folder / f"{example.id}.png", example.drawing_png)
+            counts[part] += 1
+    except OSError as exc:
+        raise ToolkitError(f"cannot write to {out}: {exc.strerror or exc}") from None
     return counts
 
 

@@ -11,8 +11,11 @@ new export and switches to it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,12 +74,36 @@ def _refusal(candidate: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _exclusive(serving: Path) -> Iterator[None]:
+    """One promotion or rollback of `serving` at a time: two racing would each compare against
+    the export the other replaces, and keep the wrong one as previous."""
+    lock = serving.with_name(f".{serving.name}.promote.lock")
+    try:
+        handle = open(lock, "a")  # noqa: SIM115  (held for the block)
+    except OSError as exc:
+        raise ToolkitError(f"cannot lock {serving} for promotion: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ToolkitError(f"another promotion or rollback of {serving} is running; try again when it "
+                               "is done") from None
+        yield
+
+
 def promote(candidate: str | Path, serving: str | Path, heldout: str | Path, *,
             data_dir: str | Path | None = None, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
             report_dir: str | Path = Path("reports") / "promotion") -> Promotion:
     """Replace `serving` with `candidate` if it passes every gate; write promotion.json and
     changed.png (the held-out images whose answer changed, before and after) either way."""
     candidate, serving = Path(candidate).resolve(), Path(serving).resolve()
+    with _exclusive(serving):
+        return _promote(candidate, serving, Path(heldout), data_dir, max_acc_drop, Path(report_dir))
+
+
+def _promote(candidate: Path, serving: Path, heldout: Path, data_dir: str | Path | None, max_acc_drop: float,
+             report_dir: Path) -> Promotion:
     if not 0 <= max_acc_drop <= 100:
         raise ToolkitError(f"must be between 0 and 100 points, got {max_acc_drop}", option="max_acc_drop")
     if candidate == serving:
@@ -116,7 +143,7 @@ def promote(candidate: str | Path, serving: str | Path, heldout: str | Path, *,
                        heldout_images=len(images["serving"]), max_acc_drop=max_acc_drop,
                        time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     _write_report(result, images["serving"].pixels, images["serving"].labels, answers, models["serving"].class_names,
-                  Path(report_dir))
+                  report_dir)
     return result
 
 
@@ -137,6 +164,11 @@ def _write_report(result: Promotion, pixels: np.ndarray, labels: np.ndarray, ans
 def rollback(serving: str | Path) -> Path:
     """Swap the served export and the one the last promotion kept; returns the kept one's path."""
     serving = Path(serving).resolve()
+    with _exclusive(serving):
+        return _swap_back(serving)
+
+
+def _swap_back(serving: Path) -> Path:
     previous = previous_of(serving)
     if not (previous / "manifest.json").is_file():
         raise ToolkitError(f"nothing to roll back to: no previous export at {previous}")

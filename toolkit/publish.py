@@ -87,6 +87,8 @@ def staged_directory(target: str | Path, keep_previous: str | Path | None = None
     except (OSError, RuntimeError) as exc:  # a loop of links
         raise ToolkitError(f"cannot write to {target}: {exc}") from None
     _check_replaceable(target)
+    if keep_previous is not None:
+        _check_replaceable(Path(keep_previous))  # what was kept before is an export too, or nothing
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_stages(target)
