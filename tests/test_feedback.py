@@ -138,7 +138,7 @@ def test_review_and_export_on_the_command_line(tmp_path):
     for label, predicted in [("3", "8"), ("3", "8"), ("7", "7"), ("4", "9")]:
         store.save(_example(label, predicted))
     (folder / "junk.json").write_text("[]")
-    result = run_cli("feedback", "review", folder, "--out", tmp_path / "review")
+    result = run_cli("feedback", folder, "--out", tmp_path / "review")  # review is the default
     assert result.returncode == 0, result.stderr
     assert "junk.json: not a feedback example" in result.stderr
     report = json.loads((tmp_path / "review" / "feedback.json").read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 from toolkit.config import OPTIMIZERS, RECIPES, SCHEDULERS
@@ -742,14 +743,24 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
     _write_bench_json(json_path, result)
 
 
-feedback_app = typer.Typer(help="Review the corrections collected by the demo, drop some, export them to train on.")
+class _ReviewByDefault(TyperGroup):
+    """`toolkit feedback [DIR]` reviews DIR: an argument that names no command is review's."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["review", *args]
+        return super().parse_args(ctx, args)
+
+
+feedback_app = typer.Typer(cls=_ReviewByDefault, help="Review the corrections collected by the demo "
+                           "(`toolkit feedback [DIR]`), drop some, export them to train on.")
 app.add_typer(feedback_app, name="feedback")
 FeedbackDirArgument = Annotated[Path, typer.Argument(help="The demo's --feedback-dir.")]
 
 
 @feedback_app.callback(invoke_without_command=True)
 def feedback_default(ctx: typer.Context) -> None:
-    """With no command: review ./feedback."""
+    """With no command: review ./feedback; with a folder: review it."""
     if ctx.invoked_subcommand is None:
         feedback_review(Path("feedback"))
 
