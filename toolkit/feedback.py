@@ -115,13 +115,16 @@ class FeedbackStore:
                 raise ToolkitError(f"the feedback folder {self.folder} is full ({len(files):,} examples; limits "
                                    f"{self.max_examples:,} examples, {self.max_bytes // 2**20} MB): review and "
                                    "export it (`toolkit feedback`), then move it away")
-            path = write_bytes(self.folder / f"{example.id}.json", data)
             line = json.dumps({"id": example.id, "time": example.time, "label": example.label,
                                "predicted": example.predicted}) + "\n"
-            with open(self.folder / INDEX, "a") as index:
-                index.write(line)
-                index.flush()
-                os.fsync(index.fileno())
+            try:
+                path = write_bytes(self.folder / f"{example.id}.json", data)
+                with open(self.folder / INDEX, "a") as index:
+                    index.write(line)
+                    index.flush()
+                    os.fsync(index.fileno())
+            except OSError as exc:  # a full disk, a read-only folder
+                raise ToolkitError(f"cannot save feedback to {self.folder}: {exc.strerror or exc}") from None
         return path
 
     def examples(self) -> tuple[list[Example], list[str]]:
