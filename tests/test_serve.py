@@ -352,6 +352,8 @@ def test_clients_cannot_unload_the_served_model(served):
     for action in ("unload", "load"):
         response = httpx.post(f"{served['url']}/v2/repository/models/lenet/{action}")
         assert response.status_code == 501, response.text
+    with pytest.raises(InferenceServerException, match=r"StatusCode\.UNIMPLEMENTED"):
+        grpcclient.InferenceServerClient(served["grpc"]).unload_model("lenet")
     assert httpx.get(f"{served['url']}/v2/models/lenet/ready").status_code == 200
     assert _infer(served["host"], _images(1), binary=True)[0].shape == (1, 10)
 

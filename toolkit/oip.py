@@ -230,15 +230,24 @@ class ImageModel(ExportModel):
                                          _output(OUTPUT_NAMES[1], probabilities, "FP32")])
 
 
+class NotOffered(NotImplementedError):
+    """A protocol call this server refuses (501, gRPC UNIMPLEMENTED). KServe's gRPC error
+    mapping reads a `reason` that plain NotImplementedError lacks."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ReadOnlyRepositoryExtension(ModelRepositoryExtension):
     """KServe's model-repository extension with loading and unloading refused (501): a client
     must not be able to unload the served model."""
 
     async def load(self, model_name: str) -> None:
-        raise NotImplementedError("models are not loaded or unloaded over the protocol here")
+        raise NotOffered("models are not loaded or unloaded over the protocol here")
 
     async def unload(self, model_name: str) -> None:
-        raise NotImplementedError("models are not loaded or unloaded over the protocol here")
+        raise NotOffered("models are not loaded or unloaded over the protocol here")
 
 
 class BinaryKeepingDataPlane(DataPlane):
