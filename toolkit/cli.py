@@ -728,7 +728,7 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
     result = bench_oip(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
                        requests=requests, kinds=kinds, batching=chosen, malformed_every=malformed_every,
                        baseline=baseline, rounds=rounds, log=console.print)
-    table = Table(title=f"{export_dir}: {requests} requests per run, medians of {rounds} rounds")
+    table = Table(title=f"{Path(export_dir).name}: {requests} requests per run, medians of {rounds} rounds")
     for column in ("server", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors"):
         table.add_column(column, justify="left" if column in ("server", "requests") else "right")
     for run in sorted(result["runs"], key=lambda r: (r["kind"], r["clients"], r["server"])):
