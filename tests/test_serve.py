@@ -116,6 +116,25 @@ def test_grpc_answers_as_rest_does(served, local):
         assert after[key] - before.get(key, 0) == 1, status
 
 
+def test_grpc_refuses_what_rest_refuses(served):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    images = _images(1)
+    client = grpcclient.InferenceServerClient(served["grpc"])
+    tensor = grpcclient.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    with pytest.raises(InferenceServerException, match=r"UNIMPLEMENTED.*version"):
+        client.infer("lenet", [tensor], model_version="2")
+    with pytest.raises(InferenceServerException, match=r"INVALID_ARGUMENT.*softmax"):
+        client.infer("lenet", [tensor], outputs=[grpcclient.InferRequestedOutput("softmax")])
+    cut_short = service_pb2.ModelInferRequest(model_name="lenet-image", raw_input_contents=[b"\x10\0\0\0abc"])
+    cut_short.inputs.add(name="image", datatype="BYTES", shape=[1])
+    with grpc.insecure_channel(served["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(cut_short)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8 elements" in refused.value.details()
+
+
 def test_a_request_without_an_id_is_answered_and_an_id_is_echoed(served):
     body = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
     anonymous = httpx.post(f"{served['url']}/v2/models/lenet/infer", json=body)
@@ -208,6 +227,11 @@ MALFORMED = {
                                         {"Inference-Header-Content-Length": str(200_018)}),
     "pixels of 0..255": (json.dumps(_tensor(data=[255.0] * 784)).encode(), {}),
     "pixels near float's limit": (json.dumps(_tensor(data=[3e38] * 784)).encode(), {}),
+    "binary_data_output not a boolean": (json.dumps({**_tensor(), "parameters": {"binary_data_output": "no"}}).encode(),
+                                         {}),
+    "binary_data of an output not a boolean": _binary(
+        {**_GOOD_HEADER, "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, bytes(3136)),
+    "an output the model lacks": (json.dumps({**_tensor(), "outputs": [{"name": "softmax"}]}).encode(), {}),
     "binary BOOL tensor": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
                      "parameters": {"binary_data_size": 784}}]}, bytes(784)),
@@ -386,3 +410,29 @@ def test_an_image_request_over_the_pixel_budget_is_refused_before_decoding(serve
     body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": data}]}
     response = httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body, timeout=60)
     assert response.status_code == 400 and "72,000,000 pixels" in response.json()["error"]
+
+
+def test_every_error_is_the_protocols_error_body(served):
+    url = served["url"]
+    answers = {
+        405: httpx.get(f"{url}/v2/models/lenet/infer"),
+        404: httpx.get(f"{url}/v2/no/such/route"),
+        501: httpx.post(f"{url}/v2/models/lenet/versions/2/infer", json=_tensor()),
+    }
+    for status, response in answers.items():
+        assert response.status_code == status and response.json()["error"].strip(), (status, response.text)
+
+
+def test_a_client_that_leaves_while_the_model_runs_is_counted_as_gone(served):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000), dtype=np.uint8)).save(buffer, "PNG")
+    data = [base64.b64encode(buffer.getvalue()).decode()] * 12  # seconds of decoding and framing
+    body = {"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}]}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body, timeout=httpx.Timeout(5, read=0.3))
+    gone = ("toolkit_requests_total", (("model", "lenet-image"), ("protocol", "rest"), ("status", "499")))
+    deadline = time.monotonic() + 60
+    while _metrics(served["url"]).get(gone, 0) < 1:  # counted once the run it left behind ends
+        assert time.monotonic() < deadline, "the request that lost its client was never counted as 499"
+        time.sleep(0.2)
+    assert _infer(served["host"], _images(1), binary=True)[0].shape == (1, 10)

@@ -29,6 +29,7 @@ from toolkit.decode import encode_png, load_image
 from toolkit.errors import ToolkitError
 from toolkit.launch import free_port, rss_mb, server_process, toolkit_server
 from toolkit.preprocess import preprocess
+from toolkit.runtime import create_session
 
 KINDS = ("tensor-json", "tensor-binary", "image")
 IMAGE_SIDES = (28, 112, 400)  # image requests: the example digits as PNG files of these sizes
@@ -101,19 +102,19 @@ def drive(url: str, model: str, kind: str, *, clients: int, requests: int, image
 
 def bare_endpoint() -> Any:
     """The baseline: an ASGI app that parses an OIP infer request (JSON, or the binary extension
-    for one FP32 input), runs onnxruntime on the model named by $TOOLKIT_BASELINE_ONNX and
+    for one FP32 input), runs onnxruntime (the server's session options) on the model named by
+    $TOOLKIT_BASELINE_ONNX and
     answers JSON, with no checks, batching, metrics or framework. What a request costs at
     least, measured in the same run as `toolkit serve`; a uvicorn factory."""
     import json
     import os
 
-    import onnxruntime as ort
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    session = ort.InferenceSession(os.environ[BASELINE_MODEL_ENV], providers=["CPUExecutionProvider"])
+    session = create_session(os.environ[BASELINE_MODEL_ENV], "cpu")  # the session options the server has
 
     async def infer(request: Request) -> Response:
         body = await request.body()

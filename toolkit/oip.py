@@ -121,6 +121,10 @@ def _output(name: str, values: np.ndarray, datatype: str) -> InferOutput:
 
 
 def _response(model: kserve.Model, request: InferRequest, outputs: list[InferOutput]) -> InferResponse:
+    names = [output.name for output in outputs]
+    for requested in request.request_outputs or ():  # KServe's gRPC side would leave them out unsaid
+        if requested.name not in names:
+            raise InvalidInput(f"{model.name} has no output {requested.name!r}; it answers {', '.join(names)}")
     # The protocol makes the request id optional, kserve's response model requires one.
     return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=model.name,
                          infer_outputs=outputs, use_binary_outputs=request.use_binary_outputs,

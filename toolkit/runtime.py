@@ -84,6 +84,9 @@ def create_session(path: str | Path, provider: str = "auto", threads: int | None
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Threads sleep between runs instead of spinning: a spinning pool takes the CPU a server's
+    # requests (and a demo's browser) need; it halved `toolkit serve`'s throughput on 2 cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wants_cuda = provider != "cpu" and cuda_provider_usable()
     if provider == "cuda" and not wants_cuda:
         raise ToolkitError("cuda was asked for but CUDA is not usable here; use `provider` cpu", option="provider")

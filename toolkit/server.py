@@ -30,7 +30,14 @@ from grpc_interceptor import AsyncServerInterceptor
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
 from toolkit.errors import ToolkitError
-from toolkit.oip import BinaryKeepingDataPlane, ExportModel, ImageModel, ReadOnlyRepositoryExtension, TensorModel
+from toolkit.oip import (
+    BinaryKeepingDataPlane,
+    ExportModel,
+    ImageModel,
+    NotOffered,
+    ReadOnlyRepositoryExtension,
+    TensorModel,
+)
 from toolkit.runtime import ReloadingPredictor
 
 log = logging.getLogger("toolkit.serve")
@@ -152,9 +159,12 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
     # The same model the JSON path is validated with (ids, parameters, outputs, names, shapes),
     # with the binary inputs' data standing in as empty.
     try:
-        InferenceRequest.model_validate({**header, "inputs": [{"data": [], **tensor} for tensor in inputs]})
+        request = InferenceRequest.model_validate({**header, "inputs": [{"data": [], **tensor} for tensor in inputs]})
     except ValidationError as exc:
         return invalid_request_message(exc.errors())
+    problem = output_flags_problem(request)
+    if problem:
+        return problem
     offset = length
     for tensor in inputs:
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
@@ -171,15 +181,40 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
             continue
         if type(size) is not int or size < 0:
             return f"input {name!r} has an invalid binary_data_size"
-        if datatype != "BYTES" and size != math.prod(shape) * np.dtype(dtype).itemsize:
-            return f"input {name!r}: binary_data_size {size} does not fit {datatype} shape {shape}"
-        if datatype == "BYTES" and _utf8_elements(body[offset:offset + size]) != math.prod(shape):
-            # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
-            return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
-                    "(send image files base64-encoded)")
+        problem = raw_tensor_problem(name, datatype, shape, body[offset:offset + size])
+        if problem:
+            return problem
         offset += size
     if offset != len(body):
         return f"the inputs' binary_data_size add up to {offset - length} bytes, the body holds {len(body) - length}"
+    return None
+
+
+def raw_tensor_problem(name: Any, datatype: str, shape: list[int], data: bytes) -> str | None:
+    """What is wrong with one input's raw bytes (the binary extension's, or gRPC's
+    `raw_input_contents`) for its datatype and shape, or None."""
+    from kserve.utils.numpy_codec import to_np_dtype
+
+    if to_np_dtype(datatype) is None:
+        return f"input {name!r} has no valid datatype, got {str(datatype)[:40]!r}"
+    if datatype == "BYTES":
+        if _utf8_elements(data) != math.prod(shape):
+            # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
+            return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
+                    "(send image files base64-encoded)")
+    elif len(data) != math.prod(shape) * np.dtype(to_np_dtype(datatype)).itemsize:
+        return f"input {name!r}: {len(data)} bytes of data do not fit {datatype} shape {shape}"
+    return None
+
+
+def output_flags_problem(request: Any) -> str | None:
+    """What is wrong with an inference request's choice of binary outputs, or None: the
+    protocol's flags are booleans, and KServe would read any value as one."""
+    if not isinstance((request.parameters or {}).get("binary_data_output", False), bool):
+        return "parameters.binary_data_output must be true or false"
+    for output in request.outputs or ():
+        if not isinstance((output.parameters or {}).get("binary_data", False), bool):
+            return f"output {output.name!r}: parameters.binary_data must be true or false"
     return None
 
 
@@ -206,11 +241,16 @@ class ProtocolGuard:
     """ASGI middleware in front of KServe's app: bodies over `limit` get a 413 unread, malformed
     binary framing a 400, a body without a content type is read as JSON (tritonclient's JSON
     mode sends none), anything unexpected a 500 that keeps the connection; infer requests are
-    counted and timed by model and status (`_counted`), and logged at debug level."""
+    counted and timed by model and status (`_counted`), and logged at debug level.
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY,
+    Infer requests to a served model go straight to KServe's data plane, as KServe's own
+    endpoint sends them (decode, infer, encode, its exception handlers), without FastAPI's
+    routing, dependency and serialization layers: those took half the server's time per
+    request. Every other request goes to KServe's app."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], dataplane: Any, limit: int = MAX_BODY,
                  models: frozenset[str] = frozenset()) -> None:
-        self.app, self.limit, self.models = app, limit, models
+        self.app, self.dataplane, self.limit, self.models = app, dataplane, limit, models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -245,18 +285,18 @@ class ProtocolGuard:
         return status
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> int | None:
-        """Answers the request; returns CLIENT_GONE when the client left before its body arrived."""
+        """Answers the request; returns CLIENT_GONE when the client left before its answer."""
         if not scope["path"].startswith(_SERVED_PATHS):  # KServe's v1 and docs routes: not this server's
             await _answer(send, 404, f"not found: {scope['path'][:100]}; this server speaks the v2 protocol")
-            return
+            return None
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
-            return
+            return None
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
-            return
+            return None
         chunks, size = [], 0
         deadline = time.monotonic() + BODY_TIMEOUT_S
         while True:
@@ -264,28 +304,32 @@ class ProtocolGuard:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 await _answer(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S} s")
-                return
+                return None
             if message["type"] == "http.disconnect":
                 return CLIENT_GONE
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
                 await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
-                return
+                return None
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
         if sum(name == _BINARY_HEADER for name, _ in scope["headers"]) > 1:
             await _answer(send, 400, "Inference-Header-Content-Length is sent more than once")
             return None
-        if _BINARY_HEADER in headers:
+        binary = _BINARY_HEADER in headers
+        if binary:
             problem = binary_request_problem(headers[_BINARY_HEADER], body)
             if problem:
                 await _answer(send, 400, problem)
-                return
+                return None
         elif headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                          + [(b"content-type", b"application/json")])
+        model = scope["path"][len("/v2/models/"):-len("/infer")] if _INFER_PATH.match(scope["path"]) else None
+        if model in self.models:  # and so no /versions/ in the path: those KServe answers with a 501
+            return await self._infer(scope, receive, send, model, body, binary)
         delivered = False
 
         async def replay() -> MutableMapping[str, Any]:
@@ -297,6 +341,66 @@ class ProtocolGuard:
 
         await self.app(scope, replay, send)
         return None
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, model_name: str, body: bytes,
+                     binary: bool) -> int | None:
+        """One infer request through KServe's data plane, as KServe's REST endpoint runs it."""
+        from kserve.errors import InvalidInput, ModelNotReady
+        from kserve.protocol.rest.v2_datamodels import InferenceRequest, InferenceResponse
+        from pydantic import ValidationError
+
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        client_gone = asyncio.ensure_future(receive())  # an http.disconnect, once the client leaves
+        try:
+            if binary:
+                request_body: Any = body
+            else:
+                try:
+                    request_body = InferenceRequest.model_validate_json(body)
+                except ValidationError as exc:
+                    raise InvalidInput(invalid_request_message(exc.errors())) from None
+                problem = output_flags_problem(request_body)
+                if problem:
+                    raise InvalidInput(problem)
+            if not await self.dataplane.model_ready(model_name, True):
+                raise ModelNotReady(model_name)
+            request, _ = self.dataplane.decode(request_body, headers, protocol_version="v2", model_name=model_name)
+            response, response_headers = await self.dataplane.infer(model_name=model_name, request=request,
+                                                                    headers=headers)
+            if client_gone.done():
+                return CLIENT_GONE
+            encoded, encoded_headers = self.dataplane.encode(model_name=model_name, response=response,
+                                                             headers=headers, req_attributes={})
+        except Exception as exc:  # KServe's handlers map its errors to statuses, as for its own endpoint
+            if client_gone.done():
+                return CLIENT_GONE
+            answer = await _exception_handler(scope["app"], exc)(None, exc)
+            await answer(scope, receive, send)
+            return None
+        finally:
+            client_gone.cancel()
+        if isinstance(encoded, bytes):
+            content, content_type = encoded, b"application/octet-stream"
+        else:
+            content, content_type = InferenceResponse.model_validate(encoded).model_dump_json().encode(), \
+                b"application/json"
+        extra = {**response_headers, **encoded_headers}
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", content_type), (b"content-length", str(len(content)).encode()),
+            *((key.lower().encode("latin-1"), str(value).encode("latin-1")) for key, value in extra.items()
+              if key.lower() not in ("content-type", "content-length"))]})
+        await send({"type": "http.response.body", "body": content})
+        return None
+
+
+def _exception_handler(app: Any, exc: Exception) -> Callable[[Any, Exception], Awaitable[Any]]:
+    """The app's handler for `exc`, looked up by its class hierarchy as Starlette does."""
+    for cls in type(exc).__mro__:
+        if cls in app.exception_handlers:
+            return app.exception_handlers[cls]
+    raise exc
 
 
 class _ExpectedTracebacks(logging.Filter):
@@ -351,7 +455,8 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], limit: int) -> None:
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     async def metadata(model_name: str) -> JSONResponse:
         found = await dataplane.model_metadata(model_name)  # raises ModelNotFound: 404
@@ -362,10 +467,17 @@ def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], li
     async def invalid(_: Any, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": invalid_request_message(exc.errors())}, status_code=400)
 
+    async def http_error(_: Any, exc: HTTPException) -> Response:
+        # The protocol's error body, where FastAPI's would be {"detail": ...} (405, 404 on /v2/).
+        if exc.status_code < 400:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
     # Before KServe's own routes are added, so this richer metadata answers first.
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_middleware(ProtocolGuard, limit=limit, models=frozenset(models))
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(ProtocolGuard, dataplane=dataplane, limit=limit, models=frozenset(models))
 
 
 def serve(export_dir: str | Path, options: ServeOptions,
@@ -419,13 +531,23 @@ def serve(export_dir: str | Path, options: ServeOptions,
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")  # KServe 0.21 still uses it
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        asyncio.run(run())
+        _event_loop_runner()(run())
     except SystemExit as exc:  # uvicorn exits on a failed start-up
         raise ToolkitError(f"the server stopped while starting (exit {exc.code})") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
+
+
+def _event_loop_runner() -> Callable[[Awaitable[None]], None]:
+    """uvloop's runner where it is installed (as uvicorn picks it): its event loop spends about
+    a third less time per request than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        return asyncio.run
+    return uvloop.run
 
 
 class GrpcCounter(AsyncServerInterceptor):
@@ -450,6 +572,26 @@ class GrpcCounter(AsyncServerInterceptor):
                 outcome["status"] = code.name if code is not None else "OK"
 
 
+def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
+    """KServe's gRPC inference service, refusing what its REST side refuses: a model version
+    (UNIMPLEMENTED, REST's 501), and raw input contents that do not fit their shapes
+    (INVALID_ARGUMENT, where KServe would fail with INTERNAL)."""
+    from kserve.errors import InvalidInput
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class GuardedServicer(InferenceServicer):
+        async def ModelInfer(self, request: Any, context: Any) -> Any:
+            if request.model_version:
+                raise NotOffered("model versions are not served here; leave model_version empty")
+            for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):  # counts: KServe's check
+                problem = raw_tensor_problem(tensor.name, tensor.datatype, list(tensor.shape), raw)
+                if problem:
+                    raise InvalidInput(problem)
+            return await super().ModelInfer(request, context)
+
+    return GuardedServicer(dataplane, extension)
+
+
 async def _stop_with(rest_server: Any, grpc_server: Any) -> None:
     """Stop gRPC when REST begins to (SIGTERM, Ctrl-C or a failed start): both stop taking new
     calls at once, and let the calls in flight finish."""
@@ -466,13 +608,12 @@ async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, mode
     from grpc import aio
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-    from kserve.protocol.grpc.servicer import InferenceServicer
 
     interceptors = (GrpcCounter(models), LoggingInterceptor(), ExceptionToStatusInterceptor())
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                         options=[("grpc.max_receive_message_length", MAX_BODY),
                                  ("grpc.max_send_message_length", MAX_BODY)])
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, extension),
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_guarded_servicer(dataplane, extension),
                                                                        server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
