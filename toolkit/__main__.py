@@ -2,4 +2,5 @@
 
 from toolkit.cli import main
 
-main()
+if __name__ == "__main__":  # not when `toolkit serve --workers` spawns a worker from this module
+    main()

@@ -2,9 +2,10 @@
 batching on and off, for tensor requests (JSON and the binary extension) and image requests,
 beside a bare endpoint that only parses a request and runs onnxruntime.
 
-The load is `tritonclient.http`, the client a user of Triton or KServe would point at it, one
-synchronous client with a keep-alive connection per thread (its asyncio client spends more
-CPU than the server on a small machine, and would measure itself).
+The load is the requests `tritonclient.http` sends (the client a user of Triton or KServe would
+point at it), built beforehand and sent over one keep-alive connection per thread: on a small
+machine, a client that encodes each request itself spends more CPU than the server, and would
+measure itself.
 """
 
 from __future__ import annotations
@@ -38,48 +39,65 @@ BARE = "bare endpoint"
 MALFORMED_BODY = b'{"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.5]}]}'
 
 
-def _request(kind: str, model: str, images: np.ndarray, files: list[bytes], index: int) -> Callable[[Any], Any]:
-    """One request of `kind` as a call on a tritonclient (checked by the caller)."""
+def _request(kind: str, model: str, images: np.ndarray, files: list[bytes], index: int) -> tuple[str, bytes, dict]:
+    """One request of `kind`: its path, and the body and headers tritonclient would send."""
     import tritonclient.http as httpclient
 
     if kind == "image":
+        model = image_model_name(model)
         tensor = httpclient.InferInput(INPUT_NAME, [1], "BYTES")
-        data = np.array([base64.b64encode(files[index % len(files)])], dtype=object)
-        tensor.set_data_from_numpy(data, binary_data=True)
-        return lambda client: client.infer(image_model_name(model), [tensor])
-    binary = kind == "tensor-binary"
-    tensor = httpclient.InferInput(INPUT_NAME, [1, 1, 28, 28], "FP32")
-    tensor.set_data_from_numpy(images[index % len(images)][None], binary_data=binary)
-    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in OUTPUT_NAMES]
-    return lambda client: client.infer(model, [tensor], outputs=outputs)
+        tensor.set_data_from_numpy(np.array([base64.b64encode(files[index % len(files)])], dtype=object),
+                                   binary_data=True)
+        outputs = None
+    else:
+        binary = kind == "tensor-binary"
+        tensor = httpclient.InferInput(INPUT_NAME, [1, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images[index % len(images)][None], binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in OUTPUT_NAMES]
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([tensor], outputs=outputs)
+    headers = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
+    return f"/v2/models/{model}/infer", body, headers
 
 
 def drive(url: str, model: str, kind: str, *, clients: int, requests: int, images: np.ndarray,
           files: list[bytes], malformed_every: int = 0) -> dict[str, Any]:
-    """`requests` requests of `kind` from `clients` threads against a running server."""
-    import httpx
+    """`requests` requests of `kind` from `clients` threads against a running server.
+
+    Each thread keeps one HTTP connection and sends bodies that tritonclient built beforehand
+    (`generate_request_body`), then reads each answer with tritonclient (`parse_response_body`):
+    the client's own JSON encoding would otherwise take more of the 2 cores than the server."""
+    import http.client
+
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    host = url.split("://", 1)[-1]
+    host, port = url.split("://", 1)[-1].rsplit(":", 1)
     local = threading.local()
-    calls = [_request(kind, model, images, files, i) for i in range(min(requests, 256))]
+    prepared = [_request(kind, model, images, files, i) for i in range(min(requests, 256))]
+    malformed_request = (f"/v2/models/{model}/infer", MALFORMED_BODY, {"Content-Type": "application/json"})
 
     def call(index: int) -> tuple[float, str | None]:
-        if not hasattr(local, "client"):
-            local.client = httpclient.InferenceServerClient(host, network_timeout=120)
-            local.http = httpx.Client(timeout=120)
+        if not hasattr(local, "connection"):
+            local.connection = http.client.HTTPConnection(host, int(port), timeout=120)
         malformed = malformed_every > 0 and index % malformed_every == malformed_every - 1
+        path, body, headers = malformed_request if malformed else prepared[index % len(prepared)]
         started = time.perf_counter()
         try:
+            local.connection.request("POST", path, body, headers)
+            response = local.connection.getresponse()
+            answer = response.read()
             if malformed:
-                response = local.http.post(f"{url}/v2/models/{model}/infer", content=MALFORMED_BODY)
-                problem = None if response.status_code == 400 and "error" in response.json() else (
-                    f"malformed request answered {response.status_code}: {response.text[:120]}")
+                problem = None if response.status == 400 and b'"error"' in answer else (
+                    f"malformed request answered {response.status}: {answer[:120]!r}")
+            elif response.status != 200:
+                problem = f"answered {response.status}: {answer[:120]!r}"
             else:
-                result = calls[index % len(calls)](local.client)
+                length = response.getheader("Inference-Header-Content-Length")
+                result = httpclient.InferenceServerClient.parse_response_body(
+                    answer, header_length=None if length is None else int(length))
                 problem = None if result.as_numpy(OUTPUT_NAMES[1]) is not None else "no probabilities"
-        except (InferenceServerException, httpx.HTTPError, OSError, ValueError) as exc:
+        except (InferenceServerException, http.client.HTTPException, OSError, ValueError) as exc:
+            local.connection.close()  # the next call reconnects
             problem = f"{type(exc).__name__}: {exc}"
         return time.perf_counter() - started, problem
 

@@ -388,27 +388,26 @@ def serve(
         help="Longest a request waits for others to share its run.")] = DEFAULT_MAX_DELAY_MS,
     skip_integrity_check: IntegrityOption = False,
     log_requests: Annotated[bool, typer.Option(help="Log one line per request with its latency.")] = False,
+    workers: Annotated[int, typer.Option(
+        help="Server processes sharing the port, each with its own model and batcher.")] = 1,
 ) -> None:
     """Serve an export on the Open Inference Protocol v2 (KServe's model server): NAME takes
     tensors, NAME-image takes encoded images; metrics at /metrics.
 
     Example: toolkit serve exports/lenet --port 8080
     """
-    import logging
-
     from toolkit.server import ServeOptions
     from toolkit.server import serve as serve_export
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("toolkit.serve").setLevel(logging.DEBUG if log_requests else logging.INFO)
     options = ServeOptions(name=name, host=host, port=port, grpc_port=grpc_port, provider=provider.value,
                            threads=threads, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                           check_integrity=not skip_integrity_check)
+                           check_integrity=not skip_integrity_check, workers=workers, log_requests=log_requests)
 
     def ready(url: str, models: list[str]) -> None:
         grpc = f", gRPC on {host}:{grpc_port}" if grpc_port else ""
+        processes = f", {workers} worker processes" if workers > 1 else ""
         console.print(f"serving {' and '.join(models)} on {url}/v2/models/{models[0]}{grpc} "
-                      f"(Open Inference Protocol v2; metrics at {url}/metrics)", highlight=False)
+                      f"(Open Inference Protocol v2; metrics at {url}/metrics{processes})", highlight=False)
 
     serve_export(export_dir or newest_export_dir(), options, on_ready=ready)
 

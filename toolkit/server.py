@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -26,6 +28,7 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_interceptor import AsyncServerInterceptor
+from starlette.requests import Request  # at module level: FastAPI resolves handlers' annotations here
 
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
@@ -39,6 +42,7 @@ from toolkit.oip import (
     TensorModel,
 )
 from toolkit.runtime import ReloadingPredictor
+from toolkit.workers import FAILED, METRICS_DIR_ENV, READY, run_workers, shared_metrics_dir
 
 log = logging.getLogger("toolkit.serve")
 
@@ -54,6 +58,7 @@ _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
 BODY_TIMEOUT_S = 20  # longest a body may take to arrive: a stalled client holds a slot for nothing
 CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -70,6 +75,8 @@ class ServeOptions:
     max_batch_delay_ms: float = DEFAULT_MAX_DELAY_MS
     check_integrity: bool = True
     max_body_bytes: int = MAX_BODY
+    workers: int = 1
+    log_requests: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.max_batch_size <= 4096:
@@ -80,6 +87,8 @@ class ServeOptions:
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):
             raise ToolkitError(f"must be letters, digits, '_', '.' or '-' (a URL path segment), got {self.name!r}",
                                option="name")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ToolkitError(f"must be between 1 and {MAX_WORKERS}, got {self.workers}", option="workers")
         if self.grpc_port is not None and self.grpc_port == self.port:
             raise ToolkitError(f"must differ from the HTTP port {self.port}", option="grpc_port")
 
@@ -89,7 +98,7 @@ def _metrics() -> dict[str, Any]:
 
     return {
         "in_flight": Gauge("toolkit_requests_in_flight", "Inference requests received and not yet answered",
-                           ["model", "protocol"]),
+                           ["model", "protocol"], multiprocess_mode="livesum"),
         "requests": Counter("toolkit_requests", "Inference requests by model, protocol (rest, grpc) and status "
                             "(an HTTP status, or a gRPC status code's name)", ["model", "protocol", "status"]),
         "latency": Histogram("toolkit_request_seconds", "Inference request latency, received to answered",
@@ -238,7 +247,7 @@ def _utf8_elements(data: bytes) -> int:
 
 
 class ProtocolGuard:
-    """ASGI middleware in front of KServe's app: bodies over `limit` get a 413 unread, malformed
+    """ASGI app in front of KServe's (FastAPI) app: bodies over `limit` get a 413 unread, malformed
     binary framing a 400, a body without a content type is read as JSON (tritonclient's JSON
     mode sends none), anything unexpected a 500 that keeps the connection; infer requests are
     counted and timed by model and status (`_counted`), and logged at debug level.
@@ -376,7 +385,7 @@ class ProtocolGuard:
         except Exception as exc:  # KServe's handlers map its errors to statuses, as for its own endpoint
             if client_gone.done():
                 return CLIENT_GONE
-            answer = await _exception_handler(scope["app"], exc)(None, exc)
+            answer = await _exception_handler(self.app, exc)(None, exc)
             await answer(scope, receive, send)
             return None
         finally:
@@ -453,7 +462,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], limit: int) -> None:
+def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel]) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
@@ -473,24 +482,74 @@ def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel], li
             return Response(status_code=exc.status_code, headers=exc.headers)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    # Before KServe's own routes are added, so this richer metadata answers first.
+    async def all_workers_metrics(request: Request) -> Response:
+        from prometheus_client import CollectorRegistry, exposition, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        encoder, content_type = exposition.choose_encoder(request.headers.get("accept"))
+        return Response(encoder(registry), headers={"content-type": content_type})
+
+    # Before KServe's own routes are added, so these answer first.
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
+    if METRICS_DIR_ENV in os.environ:  # --workers: each scrape sums the counts of every worker
+        app.add_api_route("/metrics", all_workers_metrics, methods=["GET"])
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_middleware(ProtocolGuard, dataplane=dataplane, limit=limit, models=frozenset(models))
 
 
 def serve(export_dir: str | Path, options: ServeOptions,
           on_ready: Callable[[str, list[str]], None] | None = None) -> None:
-    """Serve `export_dir` until SIGTERM or Ctrl-C, which let requests in flight finish."""
+    """Serve `export_dir` until SIGTERM or Ctrl-C, which let requests in flight finish; with
+    `options.workers` above 1, from that many processes sharing the port (`toolkit.workers`)."""
+    options.validate()
+    configure_logging(options.log_requests)
+    sock = _listening_socket(options.host, options.port)
+    try:
+        if options.grpc_port is not None:
+            _listening_socket(options.host, options.grpc_port).close()  # free now; grpc binds by address
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        if options.workers == 1:
+            _serve_on(sock, export_dir, options, on_ready=lambda models: on_ready and on_ready(url, models))
+            return
+        # Checked here once, so a bad export is one message rather than one per worker.
+        name = options.name or serving_name(ReloadingPredictor(
+            export_dir, provider=options.provider, threads=options.threads,
+            check_integrity=options.check_integrity).current.path.parent)
+        with shared_metrics_dir():
+            run_workers(functools.partial(_serve_worker, export_dir, options), sock, options.workers,
+                        on_ready=lambda: on_ready and on_ready(url, [name, image_model_name(name)]),
+                        grace_seconds=GRACE_SECONDS)
+    finally:
+        sock.close()
+
+
+def configure_logging(log_requests: bool) -> None:
+    """Warnings and errors with their time; `toolkit.serve`'s request lines with `log_requests`."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.DEBUG if log_requests else logging.INFO)
+
+
+def _serve_worker(export_dir: str | Path, options: ServeOptions, index: int, sock: socket.socket,
+                  report: Callable[..., None]) -> None:
+    """One of `--workers` processes (`toolkit.workers`): the export served on the shared socket."""
+    configure_logging(options.log_requests)
+    try:
+        _serve_on(sock, export_dir, options, on_ready=lambda _: report(READY))
+    except ToolkitError as exc:
+        report(FAILED, f"worker {index}: {exc.for_command_line()}")
+
+
+def _serve_on(sock: socket.socket, export_dir: str | Path, options: ServeOptions,
+              on_ready: Callable[[list[str]], None]) -> None:
+    """The export served on a bound socket (and gRPC, if asked) until SIGTERM or Ctrl-C."""
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.model_repository import ModelRepository
     from kserve.model_server import app
     from kserve.protocol.rest.server import RESTServer
 
     tensor_model, image_model, batcher = build_models(export_dir, options)
-    sock = _listening_socket(options.host, options.port)
-    grpc_sock = _listening_socket(options.host, options.grpc_port) if options.grpc_port is not None else None
     repository = ModelRepository()
     for model in (tensor_model, image_model):
         repository.update(model)
@@ -501,23 +560,22 @@ def serve(export_dir: str | Path, options: ServeOptions,
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
     rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
     models = {m.name: m for m in (tensor_model, image_model)}
-    _install_routes(app, dataplane, models, options.max_body_bytes)
+    _install_routes(app, dataplane, models)
     rest.create_application()
     _drop_timing_middleware(app)
+    # Outermost, in front of FastAPI's own middleware, which infer requests do not need.
+    rest.config.app = ProtocolGuard(app, dataplane, limit=options.max_body_bytes, models=frozenset(models))
 
     async def run() -> None:
         rest_server = asyncio.create_task(rest._server.serve(sockets=[sock]))
         grpc_stopped = None
-        if grpc_sock is not None:
-            grpc_sock.close()  # grpc binds by address; the check above made sure it was free
+        if options.grpc_port is not None:
             grpc_server = await _start_grpc(dataplane, extension, options.host, options.grpc_port, frozenset(models))
             grpc_stopped = asyncio.create_task(_stop_with(rest._server, grpc_server))
         while not rest._server.started and not rest_server.done():
             await asyncio.sleep(0.02)
-        if rest._server.started and on_ready is not None:
-            port = sock.getsockname()[1]
-            host = f"[{options.host}]" if ":" in options.host else options.host
-            on_ready(f"http://{host}:{port}", [tensor_model.name, image_model.name])
+        if rest._server.started:
+            on_ready([tensor_model.name, image_model.name])
         try:
             await rest_server
         finally:
@@ -537,7 +595,6 @@ def serve(export_dir: str | Path, options: ServeOptions,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
 
 
 def _event_loop_runner() -> Callable[[Awaitable[None]], None]:

@@ -1,0 +1,135 @@
+"""`toolkit serve --workers N`: processes sharing one port, with metrics summed over all of them."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import run_cli
+from toolkit.launch import answers_200, free_port
+from toolkit.runtime import Predictor
+
+OK = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "200")))
+
+
+def _workers(pid):
+    """The worker processes serving now (not the resource tracker, not one dead and unreaped)."""
+    alive = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and any("spawn_main" in part for part in child.cmdline()):
+                alive.append(child)
+    return alive
+
+
+def _metrics(url):
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in families for sample in family.samples}
+
+
+def _body(images):
+    return {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32",
+                        "data": images.ravel().tolist()}]}
+
+
+@pytest.fixture(scope="module")
+def pool(quick_export):
+    port, grpc_port = free_port(), free_port()
+    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--grpc-port",
+            str(grpc_port), "--provider", "cpu", "--workers", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "COLUMNS": "500"})
+    try:
+        # The health endpoint answers once one worker is up; the line comes once all of them are.
+        assert "2 worker processes" in process.stdout.readline()
+        yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}", "pid": process.pid}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_workers_answer_on_one_port_and_every_request_is_counted_once(pool, quick_export):
+    assert len(_workers(pool["pid"])) == 2
+    images = np.random.default_rng(3).random((40, 1, 28, 28), dtype=np.float32)
+    expected = Predictor(quick_export, provider="cpu").run(images)[1]
+    before = _metrics(pool["url"]).get(OK, 0)
+
+    def one(index):  # a connection each, so the kernel spreads them over the workers
+        with httpx.Client() as client:
+            answer = client.post(f"{pool['url']}/v2/models/lenet/infer", json=_body(images[index:index + 1]))
+        return np.array(answer.json()["outputs"][1]["data"])
+
+    with ThreadPoolExecutor(8) as threads:
+        answers = list(threads.map(one, range(len(images))))
+    np.testing.assert_allclose(np.stack(answers), expected, atol=1e-5)
+    for _ in range(4):  # whichever worker answers the scrape, it counts the requests of both
+        assert _metrics(pool["url"])[OK] - before == len(images)
+
+
+def test_grpc_is_served_by_the_workers(pool):
+    client = grpcclient.InferenceServerClient(pool["grpc"])
+    tensor = grpcclient.InferInput("image", [2, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((2, 1, 28, 28), dtype=np.float32))
+    assert client.infer("lenet", [tensor]).as_numpy("probabilities").shape == (2, 10)
+
+
+def test_a_worker_that_dies_is_replaced(pool):
+    victim = _workers(pool["pid"])[0]
+    victim.kill()
+    deadline = time.monotonic() + 120
+    while len(_workers(pool["pid"])) < 2 or victim.pid in [w.pid for w in _workers(pool["pid"])]:
+        assert time.monotonic() < deadline, "no worker replaced the one that died"
+        time.sleep(0.2)
+    for _ in range(10):
+        with httpx.Client() as client:  # new connections reach the new worker too
+            response = client.post(f"{pool['url']}/v2/models/lenet/infer", json=_body(np.zeros((1, 1, 28, 28))))
+        assert response.status_code == 200
+
+
+def test_an_export_that_cannot_be_served_is_one_line_not_one_per_worker(tmp_path):
+    result = run_cli("serve", tmp_path / "missing", "--workers", "2", "--port", free_port())
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.faults
+def test_sigterm_lets_every_worker_finish_its_requests_then_exits_0(quick_export):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--provider", "cpu",
+            "--workers", "2", "--max-batch-delay-ms", "1000", "--max-batch-size", "4096"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not answers_200(f"{url}/v2/health/ready"):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        workers = _workers(process.pid)
+
+        def one(_):
+            with httpx.Client(timeout=30) as client:
+                return client.post(f"{url}/v2/models/lenet/infer", json=_body(np.zeros((1, 1, 28, 28)))).status_code
+
+        with ThreadPoolExecutor(8) as threads:
+            statuses = threads.map(one, range(8))
+            in_flight = ("toolkit_requests_in_flight", (("model", "lenet"), ("protocol", "rest")))
+            while _metrics(url).get(in_flight, 0) < 8:  # summed over the workers (livesum)
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            assert list(statuses) == [200] * 8
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+        assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    finally:
+        if process.poll() is None:
+            process.kill()
