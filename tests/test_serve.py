@@ -305,11 +305,12 @@ def test_a_taken_port_is_one_clear_line(quick_export):
 
 
 @pytest.mark.faults
-def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export, workers):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # A long batching delay keeps requests inside the server while the signal arrives.
-    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port),
+    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--workers", str(workers),
             "--provider", "cpu", "--max-batch-delay-ms", "1000", "--max-batch-size", "4096"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -317,18 +318,25 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export):
         while not answers_200(f"{url}/v2/health/ready"):
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.1)
+        children = psutil.Process(process.pid).children()
         answers = []
-        threads = [threading.Thread(target=lambda: answers.append(_infer(f"127.0.0.1:{port}", _images(2), binary=True)))
-                   for _ in range(4)]
+
+        def one() -> None:
+            with httpx.Client(timeout=60) as client:  # a connection each: with workers, spread over them
+                answers.append(client.post(f"{url}/v2/models/lenet/infer", json=_tensor()).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
         for thread in threads:
             thread.start()
-        while _metrics(url).get(("toolkit_requests_in_flight", (("model", "lenet"), ("protocol", "rest"))), 0) < 4:
+        # In flight: summed over the workers, if there are several.
+        while _metrics(url).get(("toolkit_requests_in_flight", (("model", "lenet"), ("protocol", "rest"))), 0) < 8:
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)
         assert process.wait(timeout=60) == 0, process.stderr.read()
-        assert len(answers) == 4 and all(logits.shape == (2, 10) for logits, _ in answers)
+        assert answers == [200] * 8
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     finally:
         if process.poll() is None:
             process.kill()

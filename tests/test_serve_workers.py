@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_cli
-from toolkit.launch import answers_200, free_port
+from toolkit.launch import free_port
 from toolkit.runtime import Predictor
 
 OK = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "200")))
@@ -101,35 +100,3 @@ def test_an_export_that_cannot_be_served_is_one_line_not_one_per_worker(tmp_path
     result = run_cli("serve", tmp_path / "missing", "--workers", "2", "--port", free_port())
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-@pytest.mark.faults
-def test_sigterm_lets_every_worker_finish_its_requests_then_exits_0(quick_export):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--provider", "cpu",
-            "--workers", "2", "--max-batch-delay-ms", "1000", "--max-batch-size", "4096"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not answers_200(f"{url}/v2/health/ready"):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.1)
-        workers = _workers(process.pid)
-
-        def one(_):
-            with httpx.Client(timeout=30) as client:
-                return client.post(f"{url}/v2/models/lenet/infer", json=_body(np.zeros((1, 1, 28, 28)))).status_code
-
-        with ThreadPoolExecutor(8) as threads:
-            statuses = threads.map(one, range(8))
-            in_flight = ("toolkit_requests_in_flight", (("model", "lenet"), ("protocol", "rest")))
-            while _metrics(url).get(in_flight, 0) < 8:  # summed over the workers (livesum)
-                time.sleep(0.02)
-            process.send_signal(signal.SIGTERM)
-            assert list(statuses) == [200] * 8
-        assert process.wait(timeout=60) == 0, process.stderr.read()
-        assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
-    finally:
-        if process.poll() is None:
-            process.kill()
