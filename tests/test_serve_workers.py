@@ -1,9 +1,6 @@
 """`toolkit serve --workers N`: processes sharing one port, with metrics summed over all of them."""
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_cli
-from toolkit.launch import free_port
+from toolkit.launch import free_port, toolkit_server
 from toolkit.runtime import Predictor
 
 OK = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "200")))
@@ -45,17 +42,11 @@ def _body(images):
 @pytest.fixture(scope="module")
 def pool(quick_export):
     port, grpc_port = free_port(), free_port()
-    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--grpc-port",
-            str(grpc_port), "--provider", "cpu", "--workers", "2"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "COLUMNS": "500"})
-    try:
-        # The health endpoint answers once one worker is up; the line comes once all of them are.
-        assert "2 worker processes" in process.stdout.readline()
+    args = ["serve", str(quick_export), "--port", str(port), "--grpc-port", str(grpc_port), "--provider", "cpu",
+            "--workers", "2"]
+    with toolkit_server(args, ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
+                        ready_line="2 worker processes") as process:
         yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}", "pid": process.pid}
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_workers_answer_on_one_port_and_every_request_is_counted_once(pool, quick_export):

@@ -161,8 +161,8 @@ def _image_files(examples: list[Path]) -> list[bytes]:
 
 def bench_oip(export_dir: str | Path, examples: list[Path], *,
               clients: tuple[int, ...] = (1, 16, 64), requests: int = 2000, kinds: tuple[str, ...] = KINDS,
-              batching: tuple[bool, ...] = (True, False), malformed_every: int = 0, baseline: bool = True,
-              rounds: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+              batching: tuple[bool, ...] = (True, False), workers: tuple[int, ...] = (1,), malformed_every: int = 0,
+              baseline: bool = True, rounds: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every combination of kind and client count against `toolkit serve` with each batching
     setting (and, with `baseline`, the tensor kinds against `bare_endpoint`). All servers run at
     once and take turns over `rounds` rounds, so a machine that drifts mid-run hits each alike;
@@ -171,8 +171,8 @@ def bench_oip(export_dir: str | Path, examples: list[Path], *,
     (a soak: many rounds of one kind) and at the end."""
     import os
 
-    if requests <= 0 or rounds <= 0 or not clients or min(clients) <= 0:
-        raise ToolkitError("`clients`, `requests` and `rounds` must be positive")
+    if requests <= 0 or rounds <= 0 or not clients or min(clients) <= 0 or not workers or min(workers) <= 0:
+        raise ToolkitError("`clients`, `requests`, `workers` and `rounds` must be positive")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ToolkitError(f"unknown request kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
@@ -182,13 +182,16 @@ def bench_oip(export_dir: str | Path, examples: list[Path], *,
     model = serving_name(export_dir)
     with contextlib.ExitStack() as stack:
         servers: dict[str, tuple[str, Any]] = {}
-        for batched in batching:
+        for batched, processes in itertools.product(batching, workers):
             port = free_port()
-            args = ["serve", str(export_dir), "--port", str(port), "--provider", "cpu",
+            args = ["serve", str(export_dir), "--port", str(port), "--provider", "cpu", "--workers", str(processes),
                     *([] if batched else ["--max-batch-size", "1"])]
             url = f"http://127.0.0.1:{port}"
-            servers[f"toolkit serve, batching {'on' if batched else 'off'}"] = (url, stack.enter_context(
-                toolkit_server(args, ready_url=f"{url}/v2/health/ready")))
+            name = f"toolkit serve, batching {'on' if batched else 'off'}" + (
+                f", {processes} workers" if processes > 1 else "")
+            servers[name] = (url, stack.enter_context(toolkit_server(
+                args, ready_url=f"{url}/v2/health/ready",
+                ready_line=f"{processes} worker processes" if processes > 1 else None)))
         if baseline and any(kind != "image" for kind in kinds):
             port = free_port()
             url = f"http://127.0.0.1:{port}"

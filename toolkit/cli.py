@@ -649,13 +649,13 @@ class Server(str, Enum):
     serve = "serve"
 
 
-def _client_counts(text: str) -> tuple[int, ...]:
+def _positive_counts(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ToolkitError(f"must be integers separated by commas, got {text!r}", option="clients") from None
+        raise ToolkitError(f"must be integers separated by commas, got {text!r}", option=option) from None
     if min(values) <= 0:
-        raise ToolkitError("`clients` and `requests` must be positive")
+        raise ToolkitError(f"must be positive, got {text!r}", option=option)
     return values
 
 
@@ -677,6 +677,9 @@ def bench_serve_command(
     kinds: Annotated[str, typer.Option(
         help="serve: request kinds, from tensor-json, tensor-binary, image.")] = "tensor-json,tensor-binary,image",
     batching: Annotated[str, typer.Option(help="serve: dynamic batching on, off, or both (on,off).")] = "on,off",
+    workers: Annotated[str, typer.Option(
+        help="serve: worker processes of the servers measured, comma-separated (1,2: each batching setting "
+        "with 1 and with 2).")] = "1",
     baseline: Annotated[bool, typer.Option(
         help="serve: also measure a bare endpoint (parse, onnxruntime, answer) in the same run.")] = True,
     rounds: Annotated[int, typer.Option(min=1, help="serve: rounds the servers take turns over.")] = 3,
@@ -686,12 +689,12 @@ def bench_serve_command(
     _check_bench_json(json_path)
     export_dir = export_dir or newest_export_dir()
     if server == Server.serve:
-        _bench_oip(export_dir, _client_counts(clients or "1,16,64"), requests or 2000, malformed_every,
-                   tuple(kinds.split(",")), batching, baseline, rounds, json_path)
+        _bench_oip(export_dir, _positive_counts(clients or "1,16,64", "clients"), requests or 2000, malformed_every,
+                   tuple(kinds.split(",")), batching, _positive_counts(workers, "workers"), baseline, rounds, json_path)
         return
     from toolkit.bench import bench_serve
 
-    counts = _client_counts(clients or "16")
+    counts = _positive_counts(clients or "16", "clients")
     if len(counts) != 1:
         raise ToolkitError("takes one number with --server demo", option="clients")
     result = bench_serve(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=counts[0],
@@ -715,7 +718,8 @@ def bench_serve_command(
 
 
 def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malformed_every: int,
-               kinds: tuple[str, ...], batching: str, baseline: bool, rounds: int, json_path: Path) -> None:
+               kinds: tuple[str, ...], batching: str, workers: tuple[int, ...], baseline: bool, rounds: int,
+               json_path: Path) -> None:
     from rich.table import Table
 
     from toolkit.bench_oip import bench_oip
@@ -725,7 +729,8 @@ def _bench_oip(export_dir: Path, clients: tuple[int, ...], requests: int, malfor
     if None in chosen:
         raise ToolkitError(f"must be on, off or on,off, got {batching!r}", option="batching")
     result = bench_oip(export_dir, sorted(EXAMPLES_DIR.glob("*.png")), clients=clients,
-                       requests=requests, kinds=kinds, batching=chosen, malformed_every=malformed_every,
+                       requests=requests, kinds=kinds, batching=chosen, workers=workers,
+                       malformed_every=malformed_every,
                        baseline=baseline, rounds=rounds, log=console.print)
     table = Table(title=f"{Path(export_dir).name}: {requests} requests per run, medians of {rounds} rounds")
     for column in ("server", "requests", "clients", "req/s", "p50 ms", "p99 ms", "errors"):

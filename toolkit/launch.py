@@ -7,6 +7,7 @@ to be ready before the first request, not merely started."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -35,19 +36,22 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def toolkit_server(args: list[str], *, ready_url: str,
+def toolkit_server(args: list[str], *, ready_url: str, ready_line: str | None = None,
                    timeout: float = 120) -> contextlib.AbstractContextManager[subprocess.Popen]:
-    """`toolkit ARGS` in a subprocess, yielded once `ready_url` answers 200 (see `server_process`)."""
-    return server_process(["toolkit", *args], ready_url=ready_url, timeout=timeout)
+    """`toolkit ARGS` in a subprocess, yielded once ready (see `server_process`)."""
+    return server_process(["toolkit", *args], ready_url=ready_url, ready_line=ready_line, timeout=timeout)
 
 
 @contextlib.contextmanager
-def server_process(module_args: list[str], *, ready_url: str, timeout: float = 120,
+def server_process(module_args: list[str], *, ready_url: str, ready_line: str | None = None, timeout: float = 120,
                    env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """`python -m MODULE ARGS` in a subprocess, yielded once `ready_url` answers 200; stopped
-    with SIGTERM (then killed) on exit. An early exit or a timeout is one ToolkitError."""
-    process = subprocess.Popen([sys.executable, "-m", *module_args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env)
+    """`python -m MODULE ARGS` in a subprocess, yielded once `ready_url` answers 200 (and, with
+    `ready_line`, once a line of its output holds that text: `toolkit serve --workers` prints
+    its line when every worker is up, while the URL answers once one is); stopped with SIGTERM
+    (then killed) on exit. An early exit or a timeout is one ToolkitError."""
+    env = {**(env or os.environ), "COLUMNS": "1000"}  # the ready line unwrapped
+    process = subprocess.Popen([sys.executable, "-m", *module_args], stderr=subprocess.DEVNULL, env=env, text=True,
+                               stdout=subprocess.DEVNULL if ready_line is None else subprocess.PIPE)
     what = " ".join(module_args[:2])
     try:
         deadline = time.monotonic() + timeout
@@ -57,6 +61,10 @@ def server_process(module_args: list[str], *, ready_url: str, timeout: float = 1
             if time.monotonic() > deadline:
                 raise ToolkitError(f"`{what}` was not ready at {ready_url} after {timeout:.0f} s")
             time.sleep(0.2)
+        if ready_line is not None:
+            while ready_line not in (line := process.stdout.readline()):  # it prints little: no pipe fills
+                if not line:
+                    raise ToolkitError(f"`{what}` ended its output before it printed {ready_line!r}")
         yield process
     finally:
         process.terminate()
