@@ -28,12 +28,20 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float | None:
-    """The resident memory of process `pid` in MB; None where /proc cannot tell."""
+    """The resident memory of process `pid` and its descendants (a server's workers) in MB;
+    None where /proc cannot tell."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) / 1024 + sum(rss_mb(child) or 0 for child in _children(pid))
     return None
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return []
 
 
 def toolkit_server(args: list[str], *, ready_url: str, ready_line: str | None = None,
