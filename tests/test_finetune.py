@@ -92,6 +92,7 @@ def test_a_resumed_fine_tuning_refuses_extra_data_that_changed(quick_run, styled
     resumed = run_cli("train", "lenet", "--resume", tmp_path / "tuned", "--epochs", "2", "--data-dir", mnist_dir,
                       "--device", "cpu")
     assert resumed.returncode == 1 and "changed since this run began" in resumed.stderr
+    assert "--resume" not in resumed.stderr  # no hint to do again what cannot work
     refused = run_cli("train", "lenet", "--resume", tmp_path / "tuned", "--extra-data", extra)
     assert refused.returncode == 1 and "--extra-data cannot be changed with --resume" in refused.stderr
 

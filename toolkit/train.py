@@ -186,7 +186,7 @@ def train(
             message = f"training interrupted; {kept}" if kept else (
                 "training interrupted before its first epoch finished; nothing was kept")
             raise TrainingInterrupted(message) from None
-        if isinstance(exc, ToolkitError) and kept:
+        if isinstance(exc, ToolkitError) and kept and not isinstance(exc, InputsChanged):  # resuming cannot help
             raise ToolkitError(f"{exc}; {kept}") from exc
         raise
     finally:
@@ -283,6 +283,10 @@ def _load_data(config: TrainConfig, data_dir: str | Path | None, device: torch.d
                  test_split.labels.to(device), framing)
 
 
+class InputsChanged(ToolkitError):
+    """A fine-tuning run's starting checkpoint or extra data is not what its config recorded."""
+
+
 def _extra_images(config: TrainConfig, framing: Framing, log: Callable[[str], None]) -> Split:
     """The run's extra ImageFolder, framed as the demo frames drawings for this model; it must
     still be the data the run's config recorded."""
@@ -291,8 +295,8 @@ def _extra_images(config: TrainConfig, framing: Framing, log: Callable[[str], No
     assert config.extra_data is not None
     extra = read_image_folder(config.extra_data, list(get_dataset(config.dataset).class_names), framing)
     if config.extra_data_sha256 is not None and extra.sha256 != config.extra_data_sha256:
-        raise ToolkitError(f"{config.extra_data} changed since this run began (its files' sha256 differs from "
-                           "the run's config); train a new run on it")
+        raise InputsChanged(f"{config.extra_data} changed since this run began (its files' sha256 differs from "
+                            "the run's config); train a new run on it")
     for problem in extra.problems:
         log(problem)
     log(f"extra data: {len(extra)} images from {config.extra_data}, each {config.extra_weight}x per epoch")
@@ -303,7 +307,8 @@ def _initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
     """The weights a fine-tuning run starts from, as its config recorded them."""
     assert config.init_from is not None
     if config.init_from_sha256 is not None and sha256_file(config.init_from) != config.init_from_sha256:
-        raise ToolkitError(f"{config.init_from} changed since this run was configured (its sha256 differs)")
+        raise InputsChanged(f"{config.init_from} changed since this run was configured (its sha256 differs); "
+                            "train a new run from it")
     return load_checkpoint(config.init_from)["state_dict"]
 
 
