@@ -126,6 +126,8 @@ def test_grpc_refuses_what_rest_refuses(served):
     tensor.set_data_from_numpy(images)
     with pytest.raises(InferenceServerException, match=r"UNIMPLEMENTED.*version"):
         client.infer("lenet", [tensor], model_version="2")
+    with pytest.raises(InferenceServerException, match=r"UNIMPLEMENTED.*version"):
+        client.get_model_metadata("lenet", model_version="2")
     with pytest.raises(InferenceServerException, match=r"INVALID_ARGUMENT.*softmax"):
         client.infer("lenet", [tensor], outputs=[grpcclient.InferRequestedOutput("softmax")])
     cut_short = service_pb2.ModelInferRequest(model_name="lenet-image", raw_input_contents=[b"\x10\0\0\0abc"])
@@ -336,7 +338,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export, worke
             thread.join(timeout=60)
         assert process.wait(timeout=60) == 0, process.stderr.read()
         assert answers == [200] * 8
-        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+        assert not psutil.wait_procs(children, timeout=30)[1]  # no worker (nor helper process) left behind
     finally:
         if process.poll() is None:
             process.kill()
@@ -431,16 +433,37 @@ def test_every_error_is_the_protocols_error_body(served):
         assert response.status_code == status and response.json()["error"].strip(), (status, response.text)
 
 
-def test_a_client_that_leaves_while_the_model_runs_is_counted_as_gone(served):
+def _slow_image_files():
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000), dtype=np.uint8)).save(buffer, "PNG")
-    data = [base64.b64encode(buffer.getvalue()).decode()] * 12  # seconds of decoding and framing
+    return [buffer.getvalue()] * 12  # seconds of decoding and framing
+
+
+def _wait_for_count(url, key):
+    deadline = time.monotonic() + 60
+    while _metrics(url).get(key, 0) < 1:  # counted once the run it left behind ends
+        assert time.monotonic() < deadline, f"never counted: {key}"
+        time.sleep(0.2)
+
+
+def test_a_client_that_leaves_while_the_model_runs_is_counted_as_gone(served):
+    data = [base64.b64encode(file).decode() for file in _slow_image_files()]
     body = {"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}]}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{served['url']}/v2/models/lenet-image/infer", json=body, timeout=httpx.Timeout(5, read=0.3))
-    gone = ("toolkit_requests_total", (("model", "lenet-image"), ("protocol", "rest"), ("status", "499")))
-    deadline = time.monotonic() + 60
-    while _metrics(served["url"]).get(gone, 0) < 1:  # counted once the run it left behind ends
-        assert time.monotonic() < deadline, "the request that lost its client was never counted as 499"
-        time.sleep(0.2)
+    _wait_for_count(served["url"], ("toolkit_requests_total",
+                                    (("model", "lenet-image"), ("protocol", "rest"), ("status", "499"))))
     assert _infer(served["host"], _images(1), binary=True)[0].shape == (1, 10)
+
+
+def test_a_grpc_call_past_its_deadline_is_counted_so(served):
+    files = np.array([base64.b64encode(file) for file in _slow_image_files()], dtype=object)
+    tensor = grpcclient.InferInput("image", [len(files)], "BYTES")
+    tensor.set_data_from_numpy(files)
+    busy = ("toolkit_requests_in_flight", (("model", "lenet-image"), ("protocol", "rest")))
+    while _metrics(served["url"]).get(busy, 0):  # the call must reach a model that is free to start it
+        time.sleep(0.2)
+    with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+        grpcclient.InferenceServerClient(served["grpc"]).infer("lenet-image", [tensor], client_timeout=1.0)
+    _wait_for_count(served["url"], ("toolkit_requests_total",
+                                    (("model", "lenet-image"), ("protocol", "grpc"), ("status", "DEADLINE_EXCEEDED"))))

@@ -114,21 +114,31 @@ def _metrics() -> dict[str, Any]:
 METRICS = _metrics()
 
 
+class _Tally:
+    """One inference request of `model`: in flight from now until `finish`, which counts it by
+    status and times it."""
+
+    def __init__(self, model: str, protocol: str) -> None:
+        self.model, self.protocol, self.started = model, protocol, time.perf_counter()
+        METRICS["in_flight"].labels(model, protocol).inc()
+
+    def finish(self, status: str) -> None:
+        seconds = time.perf_counter() - self.started
+        METRICS["in_flight"].labels(self.model, self.protocol).dec()
+        METRICS["requests"].labels(self.model, self.protocol, status).inc()
+        METRICS["latency"].labels(self.model, self.protocol).observe(seconds)
+        log.debug("%s %s %s %.1f ms", self.protocol, self.model, status, 1000 * seconds)
+
+
 @contextlib.contextmanager
 def _counted(model: str, protocol: str) -> Any:
-    """Counts one inference request of `model` in flight, then by the status the caller sets
-    on the yielded dict, with its latency."""
+    """A `_Tally` of the block, by the status the block sets on the yielded dict (500 if none)."""
     outcome = {"status": "500"}
-    METRICS["in_flight"].labels(model, protocol).inc()
-    started = time.perf_counter()
+    tally = _Tally(model, protocol)
     try:
         yield outcome
     finally:
-        seconds = time.perf_counter() - started
-        METRICS["in_flight"].labels(model, protocol).dec()
-        METRICS["requests"].labels(model, protocol, outcome["status"]).inc()
-        METRICS["latency"].labels(model, protocol).observe(seconds)
-        log.debug("%s %s %s %.1f ms", protocol, model, outcome["status"], 1000 * seconds)
+        tally.finish(outcome["status"])
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -413,13 +423,14 @@ def _exception_handler(app: Any, exc: Exception) -> Callable[[Any, Exception], A
 
 
 class _ExpectedTracebacks(logging.Filter):
-    """Drops the tracebacks of what is not a server error: KServe logs every 400 (a client's
-    mistake) at ERROR, and uvicorn every request still open when shutdown cancels it."""
+    """Drops the tracebacks of what is not a server error: KServe logs every 400 and 404 (a
+    client's mistake) at ERROR, and uvicorn every request still open when shutdown cancels it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kserve.errors import InvalidInput
+        from kserve.errors import InvalidInput, ModelNotFound
 
-        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput | asyncio.CancelledError))
+        return not (record.exc_info and isinstance(record.exc_info[1],
+                                                   InvalidInput | ModelNotFound | asyncio.CancelledError))
 
 
 def _drop_timing_middleware(app: Any) -> None:
@@ -616,22 +627,38 @@ class GrpcCounter(AsyncServerInterceptor):
     async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
         if not method_name.endswith("/ModelInfer"):
             return await method(request, context)
-        model = request.model_name if request.model_name in self.models else "unknown"
-        with _counted(model, "grpc") as outcome:
-            try:
-                return await method(request, context)
-            finally:
-                code = context.code()
-                if code is None and context.cancelled():  # the client gave up, or its deadline passed
-                    remaining = context.time_remaining()
-                    expired = remaining is not None and remaining <= 0
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-                outcome["status"] = code.name if code is not None else "OK"
+        tally = _Tally(request.model_name if request.model_name in self.models else "unknown", "grpc")
+        handler = {"state": "running"}
+        # Counted once the call has ended, answered or not: a client that gave up (or whose
+        # deadline passed) while its request waited ends the call before the handler returns.
+        context.add_done_callback(lambda ended: tally.finish(_grpc_status(ended, handler["state"])))
+        try:
+            response = await method(request, context)
+        except asyncio.CancelledError:  # the call ended (deadline, or the client cancelled) first
+            raise
+        except BaseException:
+            handler["state"] = "raised"
+            raise
+        handler["state"] = "answered"
+        return response
+
+
+def _grpc_status(context: Any, handler: str) -> str:
+    """How a gRPC call ended, as a status code's name; `handler`: whether its handler had
+    answered, raised or was still running then."""
+    code = context.code()
+    if code is not None:
+        return code.name
+    if handler == "running":  # the call ended without its answer
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
+    return "OK" if handler == "answered" else grpc.StatusCode.UNKNOWN.name
 
 
 def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
     """KServe's gRPC inference service, refusing what its REST side refuses: a model version
-    (UNIMPLEMENTED, REST's 501), and raw input contents that do not fit their shapes
+    in any call (UNIMPLEMENTED, REST's 501), and raw input contents that do not fit their shapes
     (INVALID_ARGUMENT, where KServe would fail with INTERNAL)."""
     from kserve.errors import InvalidInput
     from kserve.protocol.grpc.servicer import InferenceServicer
@@ -645,6 +672,16 @@ def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
                 if problem:
                     raise InvalidInput(problem)
             return await super().ModelInfer(request, context)
+
+        async def ModelMetadata(self, request: Any, context: Any) -> Any:
+            if request.version:
+                raise NotOffered("model versions are not served here; leave version empty")
+            return await super().ModelMetadata(request, context)
+
+        async def ModelReady(self, request: Any, context: Any) -> Any:
+            if request.version:
+                raise NotOffered("model versions are not served here; leave version empty")
+            return await super().ModelReady(request, context)
 
     return GuardedServicer(dataplane, extension)
 

@@ -71,8 +71,7 @@ def shared_metrics_dir() -> Iterator[str]:
 def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready: Callable[[], None],
                 grace_seconds: float, start_timeout: float = 300) -> None:
     """Runs `workers` copies of `main` on `sock` until SIGTERM or Ctrl-C; returns once all
-    have stopped. A worker that cannot start stops them all with its message."""
-    from prometheus_client import multiprocess
+    have stopped. A worker that cannot start at first stops them all with its message."""
 
     context = multiprocessing.get_context("spawn")
     reports = context.Queue()
@@ -96,20 +95,10 @@ def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready
     try:
         for index in range(workers):
             start(index)
-        _wait_until_ready(processes, reports, workers, start_timeout, lambda: stopping)
+        _wait_until_ready(processes, reports, workers, start_timeout, lambda: stopping)  # fails: all stop
         if not stopping:
             on_ready()
-        while not stopping:
-            for process in wait([p.sentinel for p in processes.values()], timeout=0.5):
-                index = next(i for i, p in processes.items() if p.sentinel == process)
-                dead = processes[index]
-                if stopping:
-                    break
-                multiprocess.mark_process_dead(dead.pid)
-                log.warning("worker %d (pid %d) exited with code %s; starting another", index, dead.pid,
-                            dead.exitcode)
-                start(index)
-                _wait_until_ready({index: processes[index]}, reports, 1, start_timeout, lambda: stopping)
+        _supervise(processes, reports, start, lambda: stopping)
     finally:
         stop()
         deadline = time.monotonic() + grace_seconds + 5
@@ -123,6 +112,41 @@ def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready
         reports.close()
 
 
+def _supervise(processes: dict[int, Any], reports: Any, start: Callable[[int], None],
+               stopping: Callable[[], bool]) -> None:
+    """Replaces each worker that dies while the server serves, until `stopping`. One that dies
+    soon after it started (an export gone, memory short) is started again after a growing
+    pause (up to 30 s), so a worker that cannot start does not take the others down with it."""
+    import queue
+
+    from prometheus_client import multiprocess
+
+    started = {index: time.monotonic() for index in processes}
+    quick_deaths = dict.fromkeys(processes, 0)
+    restart_at: dict[int, float] = {}
+    while not stopping():
+        wait([p.sentinel for i, p in processes.items() if i not in restart_at], timeout=0.5)
+        with contextlib.suppress(queue.Empty):
+            while True:  # a replacement's report: only a failure to start is worth a line
+                index, _, state, message = reports.get_nowait()
+                if state == FAILED:
+                    log.warning("%s", message)
+        for index, process in processes.items():
+            if index in restart_at or process.exitcode is None or stopping():
+                continue
+            multiprocess.mark_process_dead(process.pid)
+            quick_deaths[index] = quick_deaths[index] + 1 if time.monotonic() - started[index] < 60 else 0
+            pause = min(30.0, 0.5 * 2 ** quick_deaths[index]) if quick_deaths[index] > 1 else 0.0
+            log.warning("worker %d (pid %d) exited with code %s; starting another%s", index, process.pid,
+                        process.exitcode, f" in {pause:.0f} s" if pause else "")
+            restart_at[index] = time.monotonic() + pause
+        for index, when in list(restart_at.items()):
+            if time.monotonic() >= when and not stopping():
+                del restart_at[index]
+                start(index)
+                started[index] = time.monotonic()
+
+
 def _wait_until_ready(processes: dict[int, Any], reports: Any, count: int, timeout: float,
                       stopping: Callable[[], bool]) -> None:
     """Returns once `count` of `processes` reported ready; raises with the first failure."""
@@ -134,6 +158,8 @@ def _wait_until_ready(processes: dict[int, Any], reports: Any, count: int, timeo
         try:
             index, _, state, message = reports.get(timeout=0.2)
         except queue.Empty:
+            if stopping():  # a worker stopped by the signal while it started is no failure
+                return
             for index, process in processes.items():
                 if index not in ready and process.exitcode is not None:
                     raise ToolkitError(f"worker {index} exited with code {process.exitcode} while starting; "
