@@ -214,14 +214,15 @@ def raw_tensor_problem(name: Any, datatype: str, shape: list[int], data: bytes) 
     `raw_input_contents`) for its datatype and shape, or None."""
     from kserve.utils.numpy_codec import to_np_dtype
 
-    if to_np_dtype(datatype) is None:
+    dtype = to_np_dtype(datatype)
+    if dtype is None:
         return f"input {name!r} has no valid datatype, got {str(datatype)[:40]!r}"
     if datatype == "BYTES":
         if _utf8_elements(data) != math.prod(shape):
             # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
             return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
                     "(send image files base64-encoded)")
-    elif len(data) != math.prod(shape) * np.dtype(to_np_dtype(datatype)).itemsize:
+    elif len(data) != math.prod(shape) * np.dtype(dtype).itemsize:
         return f"input {name!r}: {len(data)} bytes of data do not fit {datatype} shape {shape}"
     return None
 
@@ -663,10 +664,13 @@ def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
     from kserve.errors import InvalidInput
     from kserve.protocol.grpc.servicer import InferenceServicer
 
+    def refuse_versions(version: str) -> None:
+        if version:
+            raise NotOffered("model versions are not served here; leave the version empty")
+
     class GuardedServicer(InferenceServicer):
         async def ModelInfer(self, request: Any, context: Any) -> Any:
-            if request.model_version:
-                raise NotOffered("model versions are not served here; leave model_version empty")
+            refuse_versions(request.model_version)
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):  # counts: KServe's check
                 problem = raw_tensor_problem(tensor.name, tensor.datatype, list(tensor.shape), raw)
                 if problem:
@@ -674,13 +678,11 @@ def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
             return await super().ModelInfer(request, context)
 
         async def ModelMetadata(self, request: Any, context: Any) -> Any:
-            if request.version:
-                raise NotOffered("model versions are not served here; leave version empty")
+            refuse_versions(request.version)
             return await super().ModelMetadata(request, context)
 
         async def ModelReady(self, request: Any, context: Any) -> Any:
-            if request.version:
-                raise NotOffered("model versions are not served here; leave version empty")
+            refuse_versions(request.version)
             return await super().ModelReady(request, context)
 
     return GuardedServicer(dataplane, extension)
