@@ -218,6 +218,7 @@ MALFORMED = {
     "numbers beyond float": (json.dumps(_tensor(data=[10**400] * 784)).encode(), {}),
     "binary parameters not an object": _binary(
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "parameters": [1]}]}, bytes(3136)),
+    "shape of booleans": (json.dumps(_tensor(shape=[True, 1, 28, 28])).encode(), {}),
     "binary shape of booleans": _binary(
         {"inputs": [{**_GOOD_HEADER["inputs"][0], "shape": [True, 1, 28, 28]}]}, bytes(3136)),
     "binary header input without datatype": _binary(

@@ -3,21 +3,21 @@ batching on and off, for tensor requests (JSON and the binary extension) and ima
 beside a bare endpoint that only parses a request and runs onnxruntime.
 
 The load is the requests `tritonclient.http` sends (the client a user of Triton or KServe would
-point at it), built beforehand and sent over one keep-alive connection per thread: on a small
-machine, a client that encodes each request itself spends more CPU than the server, and would
-measure itself.
+point at it), built beforehand and sent from one event loop over one keep-alive connection per
+client; tritonclient reads every answer. On a small machine the clients share the server's
+cores: a client that encodes each request itself, or a thread per client, spends as much CPU as
+the server and would measure itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
 import statistics
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from toolkit.bench import machine, percentile_us
 from toolkit.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
 from toolkit.decode import encode_png, load_image
 from toolkit.errors import ToolkitError
+from toolkit.eventloop import event_loop_runner
 from toolkit.launch import free_port, rss_mb, server_process, toolkit_server
 from toolkit.preprocess import preprocess
 from toolkit.runtime import create_session
@@ -59,54 +60,149 @@ def _request(kind: str, model: str, images: np.ndarray, files: list[bytes], inde
     return f"/v2/models/{model}/infer", body, headers
 
 
-def drive(url: str, model: str, kind: str, *, clients: int, requests: int, images: np.ndarray,
-          files: list[bytes], malformed_every: int = 0) -> dict[str, Any]:
-    """`requests` requests of `kind` from `clients` threads against a running server.
+def _http_request(host: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """The bytes of one HTTP/1.1 POST, as a client sends them on a keep-alive connection."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
-    Each thread keeps one HTTP connection and sends bodies that tritonclient built beforehand
-    (`generate_request_body`), then reads each answer with tritonclient (`parse_response_body`):
-    the client's own JSON encoding would otherwise take more of the 2 cores than the server."""
-    import http.client
 
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: a prepared request at a time, its answer read by
+    httptools (uvicorn's parser) as status, headers and body."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[tuple[int, dict[bytes, bytes], bytes]] | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> _Connection:
+        _, connection = await asyncio.get_running_loop().create_connection(cls, host, port)
+        return connection
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def send(self, request: bytes, timeout: float) -> tuple[int, dict[bytes, bytes], bytes]:
+        """The server's status, headers (lower-case names) and body for `request`."""
+        loop = asyncio.get_running_loop()
+        self.answer, self.headers, self.body = loop.create_future(), {}, []
+        late = loop.call_later(timeout, self._fail, TimeoutError(f"no answer within {timeout:g} s"))
+        try:
+            self.transport.write(request)
+            return await self.answer
+        finally:
+            late.cancel()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"the answer is not HTTP: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("the server closed the connection"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result((self.parser.get_status_code(), self.headers, b"".join(self.body)))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(exc)
+        self.close()
+
+
+def _problem(status: int, headers: dict[bytes, bytes], answer: bytes, malformed: bool) -> str | None:
+    """What is wrong with an answer, or None: a malformed request must get a 400 with an error,
+    any other a 200 that tritonclient reads as probabilities."""
     import tritonclient.http as httpclient
+
+    if malformed:
+        refused = status == 400 and b'"error"' in answer
+        return None if refused else f"malformed request answered {status}: {answer[:120]!r}"
+    if status != 200:
+        return f"answered {status}: {answer[:120]!r}"
+    length = headers.get(b"inference-header-content-length")
+    result = httpclient.InferenceServerClient.parse_response_body(
+        answer, header_length=None if length is None else int(length))
+    return None if result.as_numpy(OUTPUT_NAMES[1]) is not None else "no probabilities"
+
+
+def drive(url: str, model: str, kind: str, *, clients: int, requests: int, images: np.ndarray,
+          files: list[bytes], malformed_every: int = 0, timeout: float = 120) -> dict[str, Any]:
+    """`requests` requests of `kind` from `clients` concurrent clients against a running server,
+    every `malformed_every`-th one malformed.
+
+    Each client keeps one HTTP connection and sends bodies that tritonclient built beforehand
+    (`generate_request_body`), then reads each answer with tritonclient (`parse_response_body`)."""
     from tritonclient.utils import InferenceServerException
 
     host, port = url.split("://", 1)[-1].rsplit(":", 1)
-    local = threading.local()
-    prepared = [_request(kind, model, images, files, i) for i in range(min(requests, 256))]
-    malformed_request = (f"/v2/models/{model}/infer", MALFORMED_BODY, {"Content-Type": "application/json"})
+    prepared = [_http_request(host, *_request(kind, model, images, files, i)) for i in range(min(requests, 256))]
+    malformed_request = _http_request(host, f"/v2/models/{model}/infer", MALFORMED_BODY,
+                                      {"Content-Type": "application/json"})
+    outcomes: list[tuple[float, str | None]] = []
 
-    def call(index: int) -> tuple[float, str | None]:
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    async def call(connection: _Connection | None, index: int) -> _Connection | None:
+        """Sends request `index`, records its outcome; the connection to send the next one on."""
         malformed = malformed_every > 0 and index % malformed_every == malformed_every - 1
-        path, body, headers = malformed_request if malformed else prepared[index % len(prepared)]
         started = time.perf_counter()
         try:
-            local.connection.request("POST", path, body, headers)
-            response = local.connection.getresponse()
-            answer = response.read()
-            if malformed:
-                problem = None if response.status == 400 and b'"error"' in answer else (
-                    f"malformed request answered {response.status}: {answer[:120]!r}")
-            elif response.status != 200:
-                problem = f"answered {response.status}: {answer[:120]!r}"
-            else:
-                length = response.getheader("Inference-Header-Content-Length")
-                result = httpclient.InferenceServerClient.parse_response_body(
-                    answer, header_length=None if length is None else int(length))
-                problem = None if result.as_numpy(OUTPUT_NAMES[1]) is not None else "no probabilities"
-        except (InferenceServerException, http.client.HTTPException, OSError, ValueError) as exc:
-            local.connection.close()  # the next call reconnects
-            problem = f"{type(exc).__name__}: {exc}"
-        return time.perf_counter() - started, problem
+            if connection is None or connection.closed:
+                connection = await _Connection.open(host, int(port))
+            status, headers, answer = await connection.send(
+                malformed_request if malformed else prepared[index % len(prepared)], timeout)
+            problem = _problem(status, headers, answer, malformed)
+        except (InferenceServerException, OSError, ValueError) as exc:
+            if connection is not None:
+                connection.close()  # the next call reconnects
+            connection, problem = None, f"{type(exc).__name__}: {exc}"
+        outcomes.append((time.perf_counter() - started, problem))
+        return connection
 
-    for index in range(min(clients, 8)):  # warm the connections and the model
-        call(index)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        outcomes = list(pool.map(call, range(requests)))
-    wall = time.perf_counter() - started
+    async def load() -> float:
+        connection = None
+        for index in range(min(clients, 8)):  # warm a connection and the model
+            connection = await call(connection, index)
+        if connection is not None:
+            connection.close()
+        outcomes.clear()
+        indices = iter(range(requests))
+
+        async def client() -> None:
+            connection = None
+            for index in indices:
+                connection = await call(connection, index)
+            if connection is not None:
+                connection.close()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - started
+
+    wall = event_loop_runner()(load())
     latencies = [seconds for seconds, problem in outcomes if problem is None]
     errors = [problem for _, problem in outcomes if problem is not None]
     return {

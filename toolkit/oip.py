@@ -115,8 +115,10 @@ def encoded_images_from(request: InferRequest) -> list[bytes]:
 
 
 def _output(name: str, values: np.ndarray, datatype: str) -> InferOutput:
+    # Held as raw bytes, which the response turns into what each protocol and request asks for
+    # (a list, once, for JSON); held as a list it would be converted back and forth.
     output = InferOutput(name, list(values.shape), datatype)
-    output.set_data_from_numpy(values, binary_data=False)
+    output.set_data_from_numpy(values, binary_data=True)
     return output
 
 
