@@ -106,14 +106,17 @@ def test_grpc_answers_as_rest_does(served, local):
     before = _metrics(served["url"])
     result = client.infer("lenet", [tensor])
     np.testing.assert_allclose(result.as_numpy("logits"), local.run(images)[0], atol=1e-5, rtol=1e-5)
+    only = client.infer("lenet", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    assert [output.name for output in only.get_response().outputs] == ["probabilities"]
+    np.testing.assert_allclose(only.as_numpy("probabilities"), local.run(images)[1], atol=1e-6)
     wrong = grpcclient.InferInput("image", [1, 28, 28], "FP32")
     wrong.set_data_from_numpy(images[0])
     with pytest.raises(InferenceServerException, match="shape"):
         client.infer("lenet", [wrong])
     after = _metrics(served["url"])
-    for status in ("OK", "INVALID_ARGUMENT"):  # gRPC calls are counted as REST ones are
+    for status, calls in (("OK", 2), ("INVALID_ARGUMENT", 1)):  # gRPC calls are counted as REST ones are
         key = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "grpc"), ("status", status)))
-        assert after[key] - before.get(key, 0) == 1, status
+        assert after[key] - before.get(key, 0) == calls, status
 
 
 def test_grpc_refuses_what_rest_refuses(served):
@@ -205,6 +208,10 @@ MALFORMED = {
     "wrong shape": (json.dumps(_tensor(shape=[1, 28, 28])).encode(), {}),
     "data does not fit shape": (json.dumps(_tensor(data=[0.5] * 700)).encode(), {}),
     "strings as pixels": (json.dumps(_tensor(data=["a"] * 784)).encode(), {}),
+    "numbers as strings": (json.dumps(_tensor(data=["0.5"] * 784)).encode(), {}),
+    "booleans as pixels": (json.dumps(_tensor(data=[True] * 784)).encode(), {}),
+    "nulls as pixels": (json.dumps(_tensor(data=[None] * 784)).encode(), {}),
+    "ragged nested data": (json.dumps(_tensor(data=[[0.5] * 783, [0.5]])).encode(), {}),
     "nan pixels": (json.dumps(_tensor(data=["NaN"] * 784)).encode(), {}),
     "too many images": (json.dumps(_tensor(shape=[5000, 1, 28, 28], data=[0.0] * 784)).encode(), {}),
     "binary header not a number": _binary(_GOOD_HEADER, bytes(3136), length="x12"),
@@ -235,6 +242,7 @@ MALFORMED = {
     "binary_data of an output not a boolean": _binary(
         {**_GOOD_HEADER, "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, bytes(3136)),
     "an output the model lacks": (json.dumps({**_tensor(), "outputs": [{"name": "softmax"}]}).encode(), {}),
+    "an output asked for twice": (json.dumps({**_tensor(), "outputs": [{"name": "logits"}] * 2}).encode(), {}),
     "binary BOOL tensor": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
                      "parameters": {"binary_data_size": 784}}]}, bytes(784)),
@@ -285,6 +293,7 @@ def test_a_body_over_the_cap_is_refused_unread(served):
     response = httpx.post(f"{served['url']}/v2/models/lenet/infer", content=bytes(65 * 1024 * 1024),
                           headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "exceeds" in response.json()["error"]
+    assert response.headers["connection"] == "close"  # what follows on it is the unread body, not a request
 
 
 def test_metrics_count_requests_by_model_and_status_and_time_them(served):
@@ -423,6 +432,26 @@ def test_an_image_request_over_the_pixel_budget_is_refused_before_decoding(serve
     assert response.status_code == 400 and "72,000,000 pixels" in response.json()["error"]
 
 
+def test_refusals_log_no_traceback():
+    # In a fresh interpreter: KServe's gRPC protos and tritonclient's cannot be loaded in one.
+    check = """
+import logging
+from kserve.errors import InvalidInput
+from toolkit.oip import NotOffered
+from toolkit.server import _ExpectedTracebacks
+
+def record(exc):
+    return logging.LogRecord("kserve", logging.ERROR, "x", 1, "Exception:", (), (type(exc), exc, None))
+
+refusals = _ExpectedTracebacks()
+assert not refusals.filter(record(InvalidInput("bad shape")))
+assert not refusals.filter(record(NotOffered("model versions")))  # a call this server does not offer
+assert refusals.filter(record(RuntimeError("a server error")))  # keeps its traceback
+"""
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_every_error_is_the_protocols_error_body(served):
     url = served["url"]
     answers = {
@@ -430,6 +459,8 @@ def test_every_error_is_the_protocols_error_body(served):
         404: httpx.get(f"{url}/v2/no/such/route"),
         501: httpx.post(f"{url}/v2/models/lenet/versions/2/infer", json=_tensor()),
     }
+    unknown = httpx.post(f"{url}/v2/models/lenet-typo/infer", json={})  # the model, before the body
+    assert unknown.status_code == 404 and "serves lenet, lenet-image" in unknown.json()["error"]
     for status, response in answers.items():
         assert response.status_code == status and response.json()["error"].strip(), (status, response.text)
 

@@ -1,6 +1,7 @@
 """`toolkit serve --workers N`: processes sharing one port, with metrics summed over all of them."""
 
 import contextlib
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -96,3 +97,18 @@ def test_an_export_that_cannot_be_served_is_one_line_not_one_per_worker(tmp_path
     result = run_cli("serve", tmp_path / "missing", "--workers", "2", "--port", free_port())
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.faults
+def test_workers_stop_when_the_parent_is_killed(quick_export):
+    port = free_port()
+    args = ["serve", str(quick_export), "--port", str(port), "--provider", "cpu", "--workers", "2"]
+    with toolkit_server(args, ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
+                        ready_line="2 worker processes") as process:
+        workers = _workers(process.pid)
+        assert len(workers) == 2
+        process.kill()  # SIGKILL: the parent cannot pass anything on
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, "workers outlived their parent"
+    with socket.socket() as sock:  # and nothing holds the port
+        sock.bind(("127.0.0.1", port))

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from toolkit.decode import open_image
 from toolkit.errors import ToolkitError
 from toolkit.framing import Framing
 from toolkit.preprocess import preprocess
-from toolkit.runtime import Predictor, ReloadingPredictor
+from toolkit.runtime import Predictor, ReloadingPredictor, usable_cores
 
 
 def _import_kserve() -> Any:
@@ -79,6 +80,22 @@ def _as_numpy(tensor: Any) -> np.ndarray:
                            f"{tensor.shape} ({str(exc).splitlines()[0][:120]})") from None
 
 
+def _json_numbers(tensor: Any) -> np.ndarray:
+    """A JSON tensor's data, which must be numbers: KServe's own conversion would read strings
+    ("0.5") and booleans as numbers, and answer as if they were pixels."""
+    try:
+        values = np.array(tensor.data)
+    except ValueError:  # nested lists of different lengths
+        values = np.array([], dtype=object)
+    if values.dtype.kind not in "iuf":
+        raise InvalidInput(f"input {tensor.name!r}: its data must be numbers (no strings, booleans or nulls) "
+                           f"that fill shape {tensor.shape}")
+    try:
+        return values.reshape(tensor.shape)
+    except ValueError:
+        raise InvalidInput(f"input {tensor.name!r}: {values.size} values do not fill shape {tensor.shape}") from None
+
+
 def images_from(request: InferRequest) -> np.ndarray:
     """The float32 [N, 1, 28, 28] batch an infer request to the tensor model carries."""
     tensor = _single_input(request, "FP32")
@@ -86,7 +103,8 @@ def images_from(request: InferRequest) -> np.ndarray:
     if len(shape) != 4 or shape[1:] != list(IMAGE_SHAPE) or not 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST:
         raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N, 1, 28, 28] with N from 1 to "
                            f"{MAX_IMAGES_PER_REQUEST}, got {shape}")
-    images = _as_numpy(tensor)
+    # JSON data or gRPC contents (a list), else raw bytes (the binary extension, gRPC's raw contents)
+    images = _json_numbers(tensor) if isinstance(tensor.data, list) and tensor.data else _as_numpy(tensor)
     if not np.isfinite(images).all():
         raise InvalidInput(f"input {INPUT_NAME!r} holds NaN or infinite values")
     if images.size and not (images.min() >= 0 and images.max() <= 1):
@@ -123,10 +141,16 @@ def _output(name: str, values: np.ndarray, datatype: str) -> InferOutput:
 
 
 def _response(model: kserve.Model, request: InferRequest, outputs: list[InferOutput]) -> InferResponse:
-    names = [output.name for output in outputs]
-    for requested in request.request_outputs or ():  # KServe's gRPC side would leave them out unsaid
-        if requested.name not in names:
-            raise InvalidInput(f"{model.name} has no output {requested.name!r}; it answers {', '.join(names)}")
+    """The answer: the outputs the request names, in its order (all of them if it names none)."""
+    by_name = {output.name: output for output in outputs}
+    requested = [wanted.name for wanted in request.request_outputs or ()]
+    for name in requested:  # KServe's gRPC side would leave them out unsaid
+        if name not in by_name:
+            raise InvalidInput(f"{model.name} has no output {name!r}; it answers {', '.join(by_name)}")
+    if len(set(requested)) < len(requested):
+        raise InvalidInput(f"outputs {requested} name an output more than once")
+    if requested:  # KServe's REST side picks them out itself, its gRPC side sends every output
+        outputs = [by_name[name] for name in requested]
     # The protocol makes the request id optional, kserve's response model requires one.
     return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=model.name,
                          infer_outputs=outputs, use_binary_outputs=request.use_binary_outputs,
@@ -188,7 +212,13 @@ class TensorModel(ExportModel):
 
 
 class ImageModel(ExportModel):
-    """Encoded images in, framed as the demo frames them, label and probabilities out."""
+    """Encoded images in, framed as the demo frames them, label and probabilities out. One
+    request's images are framed at a time per core: a large image takes hundreds of MB while
+    it is framed, and more at once would only share the same cores."""
+
+    def __init__(self, name: str, live: ReloadingPredictor, batcher: DynamicBatcher) -> None:
+        super().__init__(name, live, batcher)
+        self.framing = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="framing")
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
@@ -222,8 +252,8 @@ class ImageModel(ExportModel):
         files = encoded_images_from(payload)
         self._check_pixels(files)
         predictor = self.predictor  # one model for the whole request
-        digits = await asyncio.to_thread(lambda: [self._frame(i, data, predictor.framing)
-                                                  for i, data in enumerate(files)])
+        digits = await asyncio.get_running_loop().run_in_executor(
+            self.framing, lambda: [self._frame(i, data, predictor.framing) for i, data in enumerate(files)])
         found = [i for i, digit in enumerate(digits) if digit is not None]
         classes = predictor.class_names
         probabilities = np.zeros((len(files), len(classes)), dtype=np.float32)

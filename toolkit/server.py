@@ -151,8 +151,10 @@ def _counted(model: str, protocol: str) -> Any:
 
 async def _answer(send: Send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status in (408, 413):  # the body was left unread: the connection's next bytes are not a request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -335,6 +337,11 @@ class ProtocolGuard:
         if len(body) > self.limit:
             await _answer(send, 413, f"the request body exceeds {self.limit} bytes")
             return None
+        infer = _INFER_PATH.match(scope["path"])
+        if infer and infer.group(1) not in self.models:  # before the body's checks, as for GET
+            await _answer(send, 404, f"Model with name {infer.group(1)[:100]} does not exist; this server serves "
+                          f"{', '.join(sorted(self.models))}")
+            return None
         if sum(name == _BINARY_HEADER for name, _ in scope["headers"]) > 1:
             await _answer(send, 400, "Inference-Header-Content-Length is sent more than once")
             return None
@@ -347,9 +354,8 @@ class ProtocolGuard:
         elif headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                          + [(b"content-type", b"application/json")])
-        model = scope["path"][len("/v2/models/"):-len("/infer")] if _INFER_PATH.match(scope["path"]) else None
-        if model in self.models:  # and so no /versions/ in the path: those KServe answers with a 501
-            return await self._infer(scope, receive, send, model, body, binary)
+        if infer and "/versions/" not in scope["path"]:  # versions: KServe answers those with a 501
+            return await self._infer(scope, receive, send, infer.group(1), body, binary)
         delivered = False
 
         async def replay() -> MutableMapping[str, Any]:
@@ -436,14 +442,15 @@ def _exception_handler(app: Any, exc: Exception) -> Callable[[Any, Exception], A
 
 
 class _ExpectedTracebacks(logging.Filter):
-    """Drops the tracebacks of what is not a server error: KServe logs every 400 and 404 (a
-    client's mistake) at ERROR, and uvicorn every request still open when shutdown cancels it."""
+    """Drops the tracebacks of what is not a server error: KServe logs every 400, 404 and 501
+    (a client's mistake, or a call this server does not offer) at ERROR, and uvicorn every
+    request still open when shutdown cancels it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from kserve.errors import InvalidInput, ModelNotFound
 
-        return not (record.exc_info and isinstance(record.exc_info[1],
-                                                   InvalidInput | ModelNotFound | asyncio.CancelledError))
+        expected = InvalidInput | ModelNotFound | NotImplementedError | asyncio.CancelledError
+        return not (record.exc_info and isinstance(record.exc_info[1], expected))
 
 
 def _drop_timing_middleware(app: Any) -> None:

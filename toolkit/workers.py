@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
@@ -49,7 +50,15 @@ class _Reporter:
 
 def _run_worker(main: WorkerMain, index: int, sock: socket.socket, report: _Reporter) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
+    threading.Thread(target=_stop_with_parent, name="parent-watch", daemon=True).start()
     main(index, sock, report)
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM to this worker once the parent is gone (killed with SIGKILL, say), so that no
+    orphaned worker goes on holding the port."""
+    wait([multiprocessing.parent_process().sentinel])
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
