@@ -1,7 +1,9 @@
 """`toolkit serve --workers N`: processes sharing one port, with metrics summed over all of them."""
 
+import asyncio
 import contextlib
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,6 +68,28 @@ def test_workers_answer_on_one_port_and_every_request_is_counted_once(pool, quic
     np.testing.assert_allclose(np.stack(answers), expected, atol=1e-5)
     for _ in range(4):  # whichever worker answers the scrape, it counts the requests of both
         assert _metrics(pool["url"])[OK] - before == len(images)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux")
+def test_connections_opened_at_once_reach_every_worker(pool):
+    port = int(pool["url"].rsplit(":", 1)[1])
+
+    async def held_by_each_worker():
+        opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(16)))
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # on one shared socket, the worker that woke first often accepted them all
+                held = [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                            for c in worker.connections("tcp")) for worker in _workers(pool["pid"])]
+                if sum(held) == 16 or time.monotonic() > deadline:
+                    return held
+                await asyncio.sleep(0.05)
+        finally:
+            for _, writer in opened:
+                writer.close()
+
+    held = asyncio.run(held_by_each_worker())
+    assert sum(held) == 16 and min(held) >= 1, held
 
 
 def test_grpc_is_served_by_the_workers(pool):

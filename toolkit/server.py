@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -59,6 +60,9 @@ _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
 BODY_TIMEOUT_S = 20  # longest a body may take to arrive: a stalled client holds a slot for nothing
+# Linux spreads new connections over the sockets sharing a port with SO_REUSEPORT (other
+# systems give them all to one).
+SPREAD_BY_KERNEL = sys.platform.startswith("linux")
 CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
 MAX_WORKERS = 64
 
@@ -479,12 +483,14 @@ def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorM
     return TensorModel(name, live, batcher), ImageModel(image_model_name(name), live, batcher), batcher
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The socket bound before the server starts, so a taken port is one clear error. TCP named
     as the protocol: asyncio sets TCP_NODELAY only then (without it a reply waits ~40 ms)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -544,6 +550,10 @@ def serve(export_dir: str | Path, options: ServeOptions,
         if options.workers == 1:
             _serve_on(sock, export_dir, options, on_ready=lambda models: on_ready and on_ready(url, models))
             return
+        if SPREAD_BY_KERNEL:  # the port is free (checked above): hold it for the workers' own sockets
+            port = sock.getsockname()[1]
+            sock.close()
+            sock = _listening_socket(options.host, port, reuse_port=True)
         # Checked here once, so a bad export is one message rather than one per worker.
         name = options.name or serving_name(ReloadingPredictor(
             export_dir, provider=options.provider, threads=options.threads,
@@ -564,9 +574,16 @@ def configure_logging(log_requests: bool) -> None:
 
 def _serve_worker(export_dir: str | Path, options: ServeOptions, index: int, sock: socket.socket,
                   report: Callable[..., None]) -> None:
-    """One of `--workers` processes (`toolkit.workers`): the export served on the shared socket."""
+    """One of `--workers` processes (`toolkit.workers`): the export served on its own socket
+    where the kernel spreads connections (the parent's only holds the port), else on the
+    parent's. On one shared socket, the worker that wakes first accepts every connection
+    waiting: 16 clients connecting at once all went to one worker."""
     configure_logging(options.log_requests)
     try:
+        if SPREAD_BY_KERNEL:
+            host, port = sock.getsockname()[:2]
+            sock.close()
+            sock = _listening_socket(host, port, reuse_port=True)
         _serve_on(sock, export_dir, options, on_ready=lambda _: report(READY))
     except ToolkitError as exc:
         report(FAILED, f"worker {index}: {exc.for_command_line()}")
