@@ -75,6 +75,7 @@ class _Connection(asyncio.Protocol):
         import httptools
 
         self.parser = httptools.HttpResponseParser(self)
+        self.parser_error = httptools.HttpParserError
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future[tuple[int, dict[bytes, bytes], bytes]] | None = None
         self.headers: dict[bytes, bytes] = {}
@@ -108,11 +109,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        import httptools
-
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except self.parser_error as exc:
             self._fail(ConnectionError(f"the answer is not HTTP: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -499,6 +499,14 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> sock
     return sock
 
 
+def _reuse_port_socket(sock: socket.socket) -> socket.socket:
+    """A socket bound where `sock` is, which it replaces (and closes), with SO_REUSEPORT: the
+    parent's and every worker's may share the address."""
+    host, port = sock.getsockname()[:2]
+    sock.close()
+    return _listening_socket(host, port, reuse_port=True)
+
+
 def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel]) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -551,9 +559,7 @@ def serve(export_dir: str | Path, options: ServeOptions,
             _serve_on(sock, export_dir, options, on_ready=lambda models: on_ready and on_ready(url, models))
             return
         if SPREAD_BY_KERNEL:  # the port is free (checked above): hold it for the workers' own sockets
-            port = sock.getsockname()[1]
-            sock.close()
-            sock = _listening_socket(options.host, port, reuse_port=True)
+            sock = _reuse_port_socket(sock)
         # Checked here once, so a bad export is one message rather than one per worker.
         name = options.name or serving_name(ReloadingPredictor(
             export_dir, provider=options.provider, threads=options.threads,
@@ -581,9 +587,7 @@ def _serve_worker(export_dir: str | Path, options: ServeOptions, index: int, soc
     configure_logging(options.log_requests)
     try:
         if SPREAD_BY_KERNEL:
-            host, port = sock.getsockname()[:2]
-            sock.close()
-            sock = _listening_socket(host, port, reuse_port=True)
+            sock = _reuse_port_socket(sock)
         _serve_on(sock, export_dir, options, on_ready=lambda _: report(READY))
     except ToolkitError as exc:
         report(FAILED, f"worker {index}: {exc.for_command_line()}")
