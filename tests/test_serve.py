@@ -316,6 +316,27 @@ def test_a_taken_port_is_one_clear_line(quick_export):
     assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_taken_by_a_server_still_loading_is_refused(quick_export, workers):
+    port = free_port()
+    args = [sys.executable, "-m", "toolkit", "serve", str(quick_export), "--port", str(port), "--provider", "cpu",
+            "--workers", str(workers)]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        # Once it has a socket on the port, long before its model has loaded and it answers:
+        # a bound socket that does not listen yet would let the second server bind too.
+        while not any(c.laddr and c.laddr.port == port for c in psutil.Process(first.pid).connections("tcp")):
+            assert first.poll() is None and time.monotonic() < deadline, "the first server never took its port"
+            time.sleep(0.02)
+        second = run_cli("serve", quick_export, "--port", port, "--provider", "cpu", "--workers", workers)
+        assert second.returncode == 1, second.stdout
+        assert second.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(quick_export, workers):

@@ -61,8 +61,11 @@ _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
 BODY_TIMEOUT_S = 20  # longest a body may take to arrive: a stalled client holds a slot for nothing
 # Linux spreads new connections over the sockets sharing a port with SO_REUSEPORT (other
-# systems give them all to one).
+# systems give them all to one), so each worker listens on its own. On one shared socket, the
+# worker that wakes first accepts every connection waiting: 16 clients connecting at once all
+# went to one worker.
 SPREAD_BY_KERNEL = sys.platform.startswith("linux")
+BACKLOG = 2048  # connections waiting to be accepted, as uvicorn's default
 CLIENT_GONE = 499  # nginx's status for a client that closed before its answer
 MAX_WORKERS = 64
 
@@ -484,8 +487,10 @@ def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorM
 
 
 def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """The socket bound before the server starts, so a taken port is one clear error. TCP named
-    as the protocol: asyncio sets TCP_NODELAY only then (without it a reply waits ~40 ms)."""
+    """A socket bound and listening before the server starts: a taken port is one clear error,
+    no other server can bind the port while the model loads (a bound socket that does not
+    listen yet would let one), and connections that come meanwhile wait in its queue. TCP
+    named as the protocol: asyncio sets TCP_NODELAY only then (without it a reply waits ~40 ms)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -493,18 +498,11 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise ToolkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
-
-
-def _reuse_port_socket(sock: socket.socket) -> socket.socket:
-    """A socket bound where `sock` is, which it replaces (and closes), with SO_REUSEPORT: the
-    parent's and every worker's may share the address."""
-    host, port = sock.getsockname()[:2]
-    sock.close()
-    return _listening_socket(host, port, reuse_port=True)
 
 
 def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel]) -> None:
@@ -549,27 +547,31 @@ def serve(export_dir: str | Path, options: ServeOptions,
     `options.workers` above 1, from that many processes sharing the port (`toolkit.workers`)."""
     options.validate()
     configure_logging(options.log_requests)
-    sock = _listening_socket(options.host, options.port)
+    sockets = [_listening_socket(options.host, options.port)]
     try:
         if options.grpc_port is not None:
             _listening_socket(options.host, options.grpc_port).close()  # free now; grpc binds by address
         host = f"[{options.host}]" if ":" in options.host else options.host
-        url = f"http://{host}:{sock.getsockname()[1]}"
+        port = sockets[0].getsockname()[1]  # the one asked for, or the one found for port 0
+        url = f"http://{host}:{port}"
         if options.workers == 1:
-            _serve_on(sock, export_dir, options, on_ready=lambda models: on_ready and on_ready(url, models))
+            _serve_on(sockets[0], export_dir, options, on_ready=lambda models: on_ready and on_ready(url, models))
             return
-        if SPREAD_BY_KERNEL:  # the port is free (checked above): hold it for the workers' own sockets
-            sock = _reuse_port_socket(sock)
+        if SPREAD_BY_KERNEL:  # the port is free (checked above): a socket of its own for each worker
+            sockets.pop().close()
+            sockets.extend(_listening_socket(options.host, port, reuse_port=True) for _ in range(options.workers))
         # Checked here once, so a bad export is one message rather than one per worker.
         name = options.name or serving_name(ReloadingPredictor(
             export_dir, provider=options.provider, threads=options.threads,
             check_integrity=options.check_integrity).current.path.parent)
         with shared_metrics_dir():
-            run_workers(functools.partial(_serve_worker, export_dir, options), sock, options.workers,
+            run_workers(functools.partial(_serve_worker, export_dir, options),
+                        sockets if SPREAD_BY_KERNEL else sockets * options.workers,
                         on_ready=lambda: on_ready and on_ready(url, [name, image_model_name(name)]),
                         grace_seconds=GRACE_SECONDS)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
 
 
 def configure_logging(log_requests: bool) -> None:
@@ -580,14 +582,10 @@ def configure_logging(log_requests: bool) -> None:
 
 def _serve_worker(export_dir: str | Path, options: ServeOptions, index: int, sock: socket.socket,
                   report: Callable[..., None]) -> None:
-    """One of `--workers` processes (`toolkit.workers`): the export served on its own socket
-    where the kernel spreads connections (the parent's only holds the port), else on the
-    parent's. On one shared socket, the worker that wakes first accepts every connection
-    waiting: 16 clients connecting at once all went to one worker."""
+    """One of `--workers` processes (`toolkit.workers`): the export served on the socket the
+    parent made for it."""
     configure_logging(options.log_requests)
     try:
-        if SPREAD_BY_KERNEL:
-            sock = _reuse_port_socket(sock)
         _serve_on(sock, export_dir, options, on_ready=lambda _: report(READY))
     except ToolkitError as exc:
         report(FAILED, f"worker {index}: {exc.for_command_line()}")

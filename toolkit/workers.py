@@ -1,13 +1,13 @@
-"""Worker processes that share one listening socket: how `toolkit serve --workers N` uses
-more than one core.
+"""Worker processes that share one port: how `toolkit serve --workers N` uses more than one core.
 
-The parent binds the socket, then spawns the workers (fresh interpreters, as uvicorn and
-KServe do: an onnxruntime session does not survive a fork, nor pickle); each builds its own
-models and serves on the inherited socket, and the kernel hands each new connection to one
-of them. The parent waits until every worker is ready, replaces a worker that dies while
-serving, and on SIGTERM or Ctrl-C passes SIGTERM on, so each worker finishes its requests in
-flight. Prometheus counts from all workers are summed through files in a shared folder
-(prometheus_client's multiprocess mode), so a scrape of any worker sees the whole server.
+The parent binds the listening sockets (one shared, or one per worker with SO_REUSEPORT), then
+spawns the workers (fresh interpreters, as uvicorn and KServe do: an onnxruntime session does
+not survive a fork, nor pickle); each builds its own models and serves on the socket it
+inherits, and the kernel hands each new connection to one of them. The parent waits until every
+worker is ready, replaces a worker that dies while serving, and on SIGTERM or Ctrl-C passes
+SIGTERM on, so each worker finishes its requests in flight. Prometheus counts from all workers
+are summed through files in a shared folder (prometheus_client's multiprocess mode), so a
+scrape of any worker sees the whole server.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger("toolkit.serve")
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when a worker imports it
 READY, FAILED = "ready", "failed"
 
-# A worker's entry point: (its number, the shared socket, report) where report(READY) says it
+# A worker's entry point: (its number, its listening socket, report) where report(READY) says it
 # serves and report(FAILED, message) that it could not start. Must be importable (spawned).
 WorkerMain = Callable[[int, socket.socket, Callable[..., None]], None]
 
@@ -77,10 +77,11 @@ def shared_metrics_dir() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready: Callable[[], None],
+def run_workers(main: WorkerMain, sockets: list[socket.socket], *, on_ready: Callable[[], None],
                 grace_seconds: float, start_timeout: float = 300) -> None:
-    """Runs `workers` copies of `main` on `sock` until SIGTERM or Ctrl-C; returns once all
-    have stopped. A worker that cannot start at first stops them all with its message."""
+    """Runs a copy of `main` on each of `sockets` (one socket shared, or one each) until
+    SIGTERM or Ctrl-C; returns once all have stopped. A worker's replacement gets its socket,
+    and the connections waiting on it. A worker that cannot start at first stops them all with its message."""
 
     context = multiprocessing.get_context("spawn")
     reports = context.Queue()
@@ -88,7 +89,7 @@ def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready
     stopping = False
 
     def start(index: int) -> None:
-        process = context.Process(target=_run_worker, args=(main, index, sock, _Reporter(reports, index)),
+        process = context.Process(target=_run_worker, args=(main, index, sockets[index], _Reporter(reports, index)),
                                   name=f"toolkit-serve-worker-{index}", daemon=True)
         process.start()
         processes[index] = process
@@ -102,9 +103,9 @@ def run_workers(main: WorkerMain, sock: socket.socket, workers: int, *, on_ready
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for index in range(workers):
+        for index in range(len(sockets)):
             start(index)
-        _wait_until_ready(processes, reports, workers, start_timeout, lambda: stopping)  # fails: all stop
+        _wait_until_ready(processes, reports, len(sockets), start_timeout, lambda: stopping)  # fails: all stop
         if not stopping:
             on_ready()
         _supervise(processes, reports, start, lambda: stopping)
