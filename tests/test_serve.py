@@ -243,6 +243,10 @@ MALFORMED = {
         {**_GOOD_HEADER, "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, bytes(3136)),
     "an output the model lacks": (json.dumps({**_tensor(), "outputs": [{"name": "softmax"}]}).encode(), {}),
     "an output asked for twice": (json.dumps({**_tensor(), "outputs": [{"name": "logits"}] * 2}).encode(), {}),
+    # Which would be read? KServe's REST side read one silently; gRPC refuses both at once.
+    "data beside binary_data_size": _binary(
+        {"inputs": [{**_GOOD_HEADER["inputs"][0], "data": [0.5] * 784}]}, bytes(3136)),
+    "binary_data_size in a JSON request": (json.dumps(_tensor(parameters={"binary_data_size": 3136})).encode(), {}),
     "binary BOOL tensor": _binary(
         {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "BOOL",
                      "parameters": {"binary_data_size": 784}}]}, bytes(784)),

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -52,13 +53,15 @@ def toolkit_server(args: list[str], *, ready_url: str, ready_line: str | None = 
 
 @contextlib.contextmanager
 def server_process(module_args: list[str], *, ready_url: str, ready_line: str | None = None, timeout: float = 120,
-                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+                   env: dict[str, str] | None = None, stderr: IO[str] | int = subprocess.DEVNULL,
+                   ) -> Iterator[subprocess.Popen]:
     """`python -m MODULE ARGS` in a subprocess, yielded once `ready_url` answers 200 (and, with
     `ready_line`, once a line of its output holds that text: `toolkit serve --workers` prints
     its line when every worker is up, while the URL answers once one is); stopped with SIGTERM
-    (then killed) on exit. An early exit or a timeout is one ToolkitError."""
+    (then killed) on exit; its log goes to `stderr` (nowhere by default). An early exit or a
+    timeout is one ToolkitError."""
     env = {**(env or os.environ), "COLUMNS": "1000"}  # the ready line unwrapped
-    process = subprocess.Popen([sys.executable, "-m", *module_args], stderr=subprocess.DEVNULL, env=env, text=True,
+    process = subprocess.Popen([sys.executable, "-m", *module_args], stderr=stderr, env=env, text=True,
                                stdout=subprocess.DEVNULL if ready_line is None else subprocess.PIPE)
     what = " ".join(module_args[:2])
     try:

@@ -17,9 +17,11 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import os
 import sys
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,16 +62,35 @@ from kserve.utils.numpy_codec import to_np_dtype  # noqa: E402
 MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
 MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
 MAX_PIXELS_PER_REQUEST = 50_000_000  # all of a request's images together: seconds of work, not minutes
+INLINE_VALUES = 64 * 784  # tensors with more values are converted and checked off the event loop
+
+
+def declared_problem(inputs: Sequence[tuple[Any, Any, Any]], datatype: str) -> str | None:
+    """What is wrong with a request's inputs as declared (name, datatype, shape; no data), or
+    None: the cheapest facts, checked before any element is read."""
+    names = [name for name, _, _ in inputs]
+    if names != [INPUT_NAME]:
+        return f"expected one input {INPUT_NAME!r}, got {names or 'none'}"
+    _, declared, shape = inputs[0]
+    if declared != datatype:
+        return f"input {INPUT_NAME!r} must be {datatype}, got {str(declared)[:40]}"
+    shape = list(shape) if isinstance(shape, list | tuple) else shape
+    if datatype == "FP32" and not (isinstance(shape, list) and len(shape) == 4 and shape[1:] == list(IMAGE_SHAPE)
+                                   and type(shape[0]) is int and 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST):
+        return (f"input {INPUT_NAME!r} must have shape [N, 1, 28, 28] with N from 1 to {MAX_IMAGES_PER_REQUEST} "
+                f"(at most {MAX_IMAGES_PER_REQUEST} images a request: send more in several), got {shape}")
+    if datatype == "BYTES" and not (isinstance(shape, list) and 1 <= len(shape) <= 2 and shape[1:] in ([], [1])
+                                    and type(shape[0]) is int and 1 <= shape[0] <= MAX_FILES_PER_REQUEST):
+        return (f"input {INPUT_NAME!r} must have shape [N] (or [N, 1]) with N from 1 to {MAX_FILES_PER_REQUEST} "
+                f"(at most {MAX_FILES_PER_REQUEST} image files a request), got {shape}")
+    return None
 
 
 def _single_input(request: InferRequest, datatype: str) -> Any:
-    names = [i.name for i in request.inputs]
-    if names != [INPUT_NAME]:
-        raise InvalidInput(f"expected one input {INPUT_NAME!r}, got {names or 'none'}")
-    tensor = request.inputs[0]
-    if tensor.datatype != datatype:
-        raise InvalidInput(f"input {INPUT_NAME!r} must be {datatype}, got {tensor.datatype}")
-    return tensor
+    problem = declared_problem([(i.name, i.datatype, i.shape) for i in request.inputs], datatype)
+    if problem:
+        raise InvalidInput(problem)
+    return request.inputs[0]
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:
@@ -83,6 +104,9 @@ def _as_numpy(tensor: Any) -> np.ndarray:
 def _json_numbers(tensor: Any) -> np.ndarray:
     """A JSON tensor's data, which must be numbers: KServe's own conversion would read strings
     ("0.5") and booleans as numbers, and answer as if they were pixels."""
+    flat = not isinstance(tensor.data[0], list)
+    if flat and len(tensor.data) != math.prod(tensor.shape):  # before converting a single element
+        raise InvalidInput(f"input {tensor.name!r}: {len(tensor.data)} values do not fill shape {tensor.shape}")
     try:
         values = np.array(tensor.data)
     except ValueError:  # nested lists of different lengths
@@ -99,10 +123,6 @@ def _json_numbers(tensor: Any) -> np.ndarray:
 def images_from(request: InferRequest) -> np.ndarray:
     """The float32 [N, 1, 28, 28] batch an infer request to the tensor model carries."""
     tensor = _single_input(request, "FP32")
-    shape = list(tensor.shape)
-    if len(shape) != 4 or shape[1:] != list(IMAGE_SHAPE) or not 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST:
-        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N, 1, 28, 28] with N from 1 to "
-                           f"{MAX_IMAGES_PER_REQUEST}, got {shape}")
     # JSON data or gRPC contents (a list), else raw bytes (the binary extension, gRPC's raw contents)
     images = _json_numbers(tensor) if isinstance(tensor.data, list) and tensor.data else _as_numpy(tensor)
     if not np.isfinite(images).all():
@@ -118,10 +138,6 @@ def images_from(request: InferRequest) -> np.ndarray:
 def encoded_images_from(request: InferRequest) -> list[bytes]:
     """The encoded image files an infer request to the image model carries."""
     tensor = _single_input(request, "BYTES")
-    shape = list(tensor.shape)
-    if not 1 <= len(shape) <= 2 or shape[1:] not in ([], [1]) or not 1 <= shape[0] <= MAX_FILES_PER_REQUEST:
-        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N] (or [N, 1]) with N from 1 to "
-                           f"{MAX_FILES_PER_REQUEST}, got {shape}")
     files = []
     for index, element in enumerate(_as_numpy(tensor).reshape(-1)):
         text = element.decode("ascii", "replace") if isinstance(element, bytes) else str(element)
@@ -168,6 +184,13 @@ class ExportModel(kserve.Model):
     """A model of the export at a path (switching when it is replaced, e.g. promoted) and the
     batcher it shares. Ready once built (the Predictor has loaded and checked the export)."""
 
+    datatype: str  # of its one input
+    max_values: int  # the most elements a request's input may hold
+
+    def declared_problem(self, inputs: Sequence[tuple[Any, Any, Any]]) -> str | None:
+        """What is wrong with a request's (name, datatype, shape) inputs for this model, or None."""
+        return declared_problem(inputs, self.datatype)
+
     def __init__(self, name: str, live: ReloadingPredictor, batcher: DynamicBatcher) -> None:
         super().__init__(name)
         self.live, self.batcher = live, batcher
@@ -197,6 +220,8 @@ class ExportModel(kserve.Model):
 class TensorModel(ExportModel):
     """The exported ONNX model under its own contract: pixels in, logits and probabilities out."""
 
+    datatype, max_values = "FP32", MAX_IMAGES_PER_REQUEST * math.prod(IMAGE_SHAPE)
+
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *IMAGE_SHAPE]}]
 
@@ -206,7 +231,9 @@ class TensorModel(ExportModel):
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
-        logits, probabilities = await _run(self.batcher, images_from(payload))
+        large = any(math.prod(tensor.shape) > INLINE_VALUES for tensor in payload.inputs)
+        images = await asyncio.to_thread(images_from, payload) if large else images_from(payload)
+        logits, probabilities = await _run(self.batcher, images)
         return _response(self, payload, [_output(OUTPUT_NAMES[0], logits, "FP32"),
                                          _output(OUTPUT_NAMES[1], probabilities, "FP32")])
 
@@ -215,6 +242,8 @@ class ImageModel(ExportModel):
     """Encoded images in, framed as the demo frames them, label and probabilities out. One
     request's images are framed at a time per core: a large image takes hundreds of MB while
     it is framed, and more at once would only share the same cores."""
+
+    datatype, max_values = "BYTES", MAX_FILES_PER_REQUEST
 
     def __init__(self, name: str, live: ReloadingPredictor, batcher: DynamicBatcher) -> None:
         super().__init__(name, live, batcher)
@@ -228,7 +257,9 @@ class ImageModel(ExportModel):
                 {"name": OUTPUT_NAMES[1], "datatype": "FP32", "shape": [-1, len(self.predictor.class_names)]}]
 
     @staticmethod
-    def _check_pixels(files: list[bytes]) -> None:
+    def _files(payload: InferRequest) -> list[bytes]:
+        """The request's image files, within the pixel budget by their headers."""
+        files = encoded_images_from(payload)
         total = 0
         for index, data in enumerate(files):
             try:
@@ -239,6 +270,7 @@ class ImageModel(ExportModel):
         if total > MAX_PIXELS_PER_REQUEST:
             raise InvalidInput(f"the request's images hold {total:,} pixels, more than {MAX_PIXELS_PER_REQUEST:,}; "
                                "send fewer or smaller images per request")
+        return files
 
     @staticmethod
     def _frame(index: int, data: bytes, framing: Framing) -> np.ndarray | None:
@@ -249,10 +281,10 @@ class ImageModel(ExportModel):
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
-        files = encoded_images_from(payload)
-        self._check_pixels(files)
+        loop = asyncio.get_running_loop()  # up to 64 MB of base64 and 64 images: off the event loop
+        files = await loop.run_in_executor(self.framing, self._files, payload)
         predictor = self.predictor  # one model for the whole request
-        digits = await asyncio.get_running_loop().run_in_executor(
+        digits = await loop.run_in_executor(
             self.framing, lambda: [self._frame(i, data, predictor.framing) for i, data in enumerate(files)])
         found = [i for i, digit in enumerate(digits) if digit is not None]
         classes = predictor.class_names

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import http
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import numpy as np
 import orjson
 from grpc_interceptor import AsyncServerInterceptor
 from starlette.requests import Request  # at module level: FastAPI resolves handlers' annotations here
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from toolkit.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 from toolkit.contract import image_model_name, serving_name
@@ -60,6 +63,10 @@ _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
 BODY_TIMEOUT_S = 20  # longest a body may take to arrive: a stalled client holds a slot for nothing
+MAX_HEADER_BYTES = 64 * 1024  # a request's line and headers; nginx's default is 32 KB, uvicorn's h11 16 KB
+HEADER_TIMEOUT_S = 10  # longest a request's line and headers may take to arrive (and a new connection's first byte)
+INLINE_JSON_BYTES = 256 * 1024  # JSON bodies up to this are parsed on the event loop (well under 10 ms)
+JSON_SLACK_VALUES = 10_000  # JSON values a request may hold beyond its tensor's: ids, parameters, outputs
 # Linux spreads new connections over the sockets sharing a port with SO_REUSEPORT (other
 # systems give them all to one), so each worker listens on its own. On one shared socket, the
 # worker that wakes first accepts every connection waiting: 16 clients connecting at once all
@@ -172,9 +179,10 @@ def invalid_request_message(errors: Sequence[Any]) -> str:
     return f"invalid inference request: {first.get('msg', 'unreadable')}" + (f" at {where}" if where else "")
 
 
-def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
+def binary_request_problem(header_length: bytes, body: bytes, model: ExportModel | None = None) -> str | None:
     """What is wrong with a request in the binary tensor extension's framing, or None: the JSON
-    header's length, the header itself, and each input's `binary_data_size` against its shape."""
+    header's length, the header itself, the inputs as `model` declares them, and each input's
+    `binary_data_size` against its shape; the data's elements only once all of that holds."""
     from kserve.protocol.rest.v2_datamodels import InferenceRequest  # kserve only after toolkit.oip's argv guard
     from kserve.utils.numpy_codec import to_np_dtype
     from pydantic import ValidationError
@@ -198,7 +206,8 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
         request = InferenceRequest.model_validate({**header, "inputs": [{"data": [], **tensor} for tensor in inputs]})
     except ValidationError as exc:
         return invalid_request_message(exc.errors())
-    problem = output_flags_problem(request)
+    problem = output_flags_problem(request) or (model and model.declared_problem(
+        [(tensor.get("name"), tensor.get("datatype"), tensor.get("shape")) for tensor in inputs]))
     if problem:
         return problem
     offset = length
@@ -217,6 +226,8 @@ def binary_request_problem(header_length: bytes, body: bytes) -> str | None:
             continue
         if type(size) is not int or size < 0:
             return f"input {name!r} has an invalid binary_data_size"
+        if "data" in tensor:  # which one would be read? gRPC refuses contents beside raw contents too
+            return f"input {name!r} has both data and binary_data_size; send one"
         problem = raw_tensor_problem(name, datatype, shape, body[offset:offset + size])
         if problem:
             return problem
@@ -235,7 +246,7 @@ def raw_tensor_problem(name: Any, datatype: str, shape: list[int], data: bytes) 
     if dtype is None:
         return f"input {name!r} has no valid datatype, got {str(datatype)[:40]!r}"
     if datatype == "BYTES":
-        if _utf8_elements(data) != math.prod(shape):
+        if _utf8_elements(data, math.prod(shape)) != math.prod(shape):
             # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
             return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
                     "(send image files base64-encoded)")
@@ -255,12 +266,13 @@ def output_flags_problem(request: Any) -> str | None:
     return None
 
 
-def _utf8_elements(data: bytes) -> int:
+def _utf8_elements(data: bytes, most: int) -> int:
     """How many elements a serialized BYTES tensor (each a 4-byte little-endian length, then
-    that many bytes) holds; -1 unless it is whole and every element is UTF-8."""
+    that many bytes) holds; -1 unless it is whole, every element is UTF-8 and there are at most
+    `most` (the shape's count: more is wrong, and is not read through)."""
     offset, count = 0, 0
     while offset < len(data):
-        if offset + 4 > len(data):
+        if offset + 4 > len(data) or count == most:
             return -1
         size = int.from_bytes(data[offset:offset + 4], "little")
         element = data[offset + 4:offset + 4 + size]
@@ -272,6 +284,65 @@ def _utf8_elements(data: bytes) -> int:
             return -1
         offset, count = offset + 4 + size, count + 1
     return count
+
+
+class HeaderGuard(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (httptools, as KServe runs it) with the limits it lacks on a
+    request's line and headers: over MAX_HEADER_BYTES a 431, not complete within
+    HEADER_TIMEOUT_S a 408 (a connection that sent nothing is closed); both close the
+    connection. Without them a connection sending its headers slowly stayed open forever, and
+    a 160 MB header took 27 s to refuse."""
+
+    header_bytes = 0
+    header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_done()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.header_timer is not None:
+            self.header_bytes += len(data)
+        super().data_received(data)  # may complete the headers, or begin a pipelined request's
+        if self.header_timer is not None and self.header_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, f"the request's line and headers exceed {MAX_HEADER_BYTES} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._await_headers()
+
+    def on_headers_complete(self) -> None:
+        self._headers_done()
+        super().on_headers_complete()
+
+    def _await_headers(self) -> None:
+        if self.header_timer is None:
+            self.header_bytes = 0
+            self.header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def _headers_done(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_late(self) -> None:
+        self.header_timer = None
+        if self.header_bytes:
+            self._refuse(408, f"the request's headers did not arrive within {HEADER_TIMEOUT_S} s")
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._headers_done()
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(),
+                                                                 len(body), body))
+        self.transport.close()
 
 
 class ProtocolGuard:
@@ -286,8 +357,11 @@ class ProtocolGuard:
     request. Every other request goes to KServe's app."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], dataplane: Any, limit: int = MAX_BODY,
-                 models: frozenset[str] = frozenset()) -> None:
-        self.app, self.dataplane, self.limit, self.models = app, dataplane, limit, models
+                 models: Mapping[str, ExportModel] | None = None) -> None:
+        self.app, self.dataplane, self.limit, self.models = app, dataplane, limit, models or {}
+        # Large JSON bodies are parsed off the event loop, one at a time: each takes seconds
+        # and ~20 times its size in memory at the cap.
+        self.parsing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="json")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -354,7 +428,7 @@ class ProtocolGuard:
             return None
         binary = _BINARY_HEADER in headers
         if binary:
-            problem = binary_request_problem(headers[_BINARY_HEADER], body)
+            problem = binary_request_problem(headers[_BINARY_HEADER], body, infer and self.models.get(infer.group(1)))
             if problem:
                 await _answer(send, 400, problem)
                 return None
@@ -362,7 +436,10 @@ class ProtocolGuard:
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                          + [(b"content-type", b"application/json")])
         if infer and "/versions/" not in scope["path"]:  # versions: KServe answers those with a 501
-            return await self._infer(scope, receive, send, infer.group(1), body, binary)
+            return await self._infer(scope, receive, send, self.models[infer.group(1)], body, binary)
+        if len(body) > INLINE_JSON_BYTES:  # FastAPI would parse it on the event loop, for a route that needs none
+            await _answer(send, 413, f"the request body exceeds {INLINE_JSON_BYTES} bytes, the most this route takes")
+            return None
         delivered = False
 
         async def replay() -> MutableMapping[str, Any]:
@@ -388,13 +465,12 @@ class ProtocolGuard:
                 break
         return b"".join(chunks)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, model_name: str, body: bytes,
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: ExportModel, body: bytes,
                      binary: bool) -> int | None:
         """One infer request through KServe's data plane, as KServe's REST endpoint runs it."""
-        from kserve.errors import InvalidInput, ModelNotReady
-        from kserve.protocol.rest.v2_datamodels import InferenceRequest
-        from pydantic import ValidationError
+        from kserve.errors import ModelNotReady
 
+        model_name = model.name
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
@@ -402,14 +478,11 @@ class ProtocolGuard:
         try:
             if binary:
                 request_body: Any = body
+            elif len(body) <= INLINE_JSON_BYTES:
+                request_body = json_request(body, model)
             else:
-                try:
-                    request_body = InferenceRequest.model_validate_json(body, strict=True)  # no `true` for 1
-                except ValidationError as exc:
-                    raise InvalidInput(invalid_request_message(exc.errors())) from None
-                problem = output_flags_problem(request_body)
-                if problem:
-                    raise InvalidInput(problem)
+                request_body = await asyncio.get_running_loop().run_in_executor(self.parsing, json_request, body,
+                                                                                model)
             if not await self.dataplane.model_ready(model_name, True):
                 raise ModelNotReady(model_name)
             request, _ = self.dataplane.decode(request_body, headers, protocol_version="v2", model_name=model_name)
@@ -438,6 +511,32 @@ class ProtocolGuard:
               if key.lower() not in ("content-type", "content-length"))]})
         await send({"type": "http.response.body", "body": content})
         return None
+
+
+def json_request(body: bytes, model: ExportModel) -> Any:
+    """An infer request's JSON body as KServe's request model, checked as `model` declares its
+    input before any element is converted; the body's values are counted (by their commas,
+    at C speed) before it is parsed at all: more than the model takes are refused unparsed."""
+    from kserve.errors import InvalidInput
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from pydantic import ValidationError
+
+    most = model.max_values + JSON_SLACK_VALUES
+    if body.count(b",") >= most:
+        raise InvalidInput(f"the request holds over {most:,} JSON values (counted by their commas); {model.name} "
+                           f"takes at most {model.max_values:,} a request")
+    try:
+        request = InferenceRequest.model_validate_json(body, strict=True)  # strict: no `true` for 1
+    except ValidationError as exc:
+        raise InvalidInput(invalid_request_message(exc.errors())) from None
+    problem = output_flags_problem(request) or model.declared_problem(
+        [(tensor.name, tensor.datatype, tensor.shape) for tensor in request.inputs])
+    for tensor in request.inputs:
+        if not problem and "binary_data_size" in (tensor.parameters or {}):  # KServe would read `data`
+            problem = f"input {tensor.name!r} has binary_data_size but the request is not in the binary extension"
+    if problem:
+        raise InvalidInput(problem)
+    return request
 
 
 def _exception_handler(app: Any, exc: Exception) -> Callable[[Any, Exception], Awaitable[Any]]:
@@ -533,6 +632,9 @@ def _install_routes(app: Any, dataplane: Any, models: dict[str, ExportModel]) ->
         encoder, content_type = exposition.choose_encoder(request.headers.get("accept"))
         return Response(encoder(registry), headers={"content-type": content_type})
 
+    # A path with a trailing slash is a 404, not Starlette's 307 to a URL built from the
+    # client's Host header (an open redirect where a proxy passes Host through).
+    app.router.redirect_slashes = False
     # Before KServe's own routes are added, so these answer first.
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
     if METRICS_DIR_ENV in os.environ:  # --workers: each scrape sums the counts of every worker
@@ -609,18 +711,19 @@ def _serve_on(sock: socket.socket, export_dir: str | Path, options: ServeOptions
         logging.getLogger(logger).addFilter(_ExpectedTracebacks())
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, options.port, grace_period=GRACE_SECONDS)
     rest.config.host, rest.config.access_log = options.host, False  # KServe binds 0.0.0.0 otherwise
+    rest.config.http = HeaderGuard
     models = {m.name: m for m in (tensor_model, image_model)}
     _install_routes(app, dataplane, models)
     rest.create_application()
     _drop_timing_middleware(app)
     # Outermost, in front of FastAPI's own middleware, which infer requests do not need.
-    rest.config.app = ProtocolGuard(app, dataplane, limit=options.max_body_bytes, models=frozenset(models))
+    rest.config.app = ProtocolGuard(app, dataplane, limit=options.max_body_bytes, models=models)
 
     async def run() -> None:
         rest_server = asyncio.create_task(rest._server.serve(sockets=[sock]))
         grpc_stopped = None
         if options.grpc_port is not None:
-            grpc_server = await _start_grpc(dataplane, extension, options.host, options.grpc_port, frozenset(models))
+            grpc_server = await _start_grpc(dataplane, extension, options.host, options.grpc_port, models)
             grpc_stopped = asyncio.create_task(_stop_with(rest._server, grpc_server))
         while not rest._server.started and not rest_server.done():
             await asyncio.sleep(0.02)
@@ -685,10 +788,57 @@ def _grpc_status(context: Any, handler: str) -> str:
     return "OK" if handler == "answered" else grpc.StatusCode.UNKNOWN.name
 
 
-def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
-    """KServe's gRPC inference service, refusing what its REST side refuses: a model version
-    in any call (UNIMPLEMENTED, REST's 501), and raw input contents that do not fit their shapes
-    (INVALID_ARGUMENT, where KServe would fail with INTERNAL)."""
+class Undecodable:
+    """A ModelInfer call whose bytes are not a ModelInferRequest: gRPC would answer UNKNOWN
+    and log a traceback for the decoder's error; the servicer refuses it as INVALID_ARGUMENT."""
+
+    model_name = model_version = ""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    from google.protobuf.message import DecodeError
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+
+    return tolerant
+
+
+class _TolerantModelInfer:
+    """Stands for the gRPC server while KServe's generated code adds its service's handlers, and
+    adds them with ModelInfer's request decoder made `_tolerant`."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, _: Any) -> None:
+        """Made from the same handlers in `add_registered_method_handlers`, which comes next."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        infer = handlers["ModelInfer"]
+        tolerant = infer._replace(request_deserializer=_tolerant(infer.request_deserializer))
+        handlers = {**handlers, "ModelInfer": tolerant}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.server.add_registered_method_handlers(service, handlers)
+
+
+def _contents_count(tensor: Any) -> int:
+    """How many values a gRPC input's `contents` hold, whatever their type; counted, not read."""
+    return sum(len(values) for _, values in tensor.contents.ListFields())
+
+
+def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, ExportModel]) -> Any:
+    """KServe's gRPC inference service, refusing what its REST side refuses: bytes that are not
+    a request, a model version in any call (UNIMPLEMENTED, REST's 501), inputs the model does
+    not declare, and contents or raw contents that do not fit their shapes (INVALID_ARGUMENT,
+    where KServe would fail with UNKNOWN or INTERNAL); each checked by its cheapest facts
+    first: the declared inputs, then the counts, and only then the elements."""
     from kserve.errors import InvalidInput
     from kserve.protocol.grpc.servicer import InferenceServicer
 
@@ -698,7 +848,18 @@ def _guarded_servicer(dataplane: Any, extension: Any) -> Any:
 
     class GuardedServicer(InferenceServicer):
         async def ModelInfer(self, request: Any, context: Any) -> Any:
+            if isinstance(request, Undecodable):
+                raise InvalidInput(f"the call's bytes are not a ModelInferRequest ({request.error})")
             refuse_versions(request.model_version)
+            model = models.get(request.model_name)  # KServe answers a name not served
+            problem = model and model.declared_problem([(t.name, t.datatype, list(t.shape)) for t in request.inputs])
+            if problem:
+                raise InvalidInput(problem)
+            if not request.raw_input_contents:
+                for tensor in request.inputs:
+                    if _contents_count(tensor) != math.prod(tensor.shape):
+                        raise InvalidInput(f"input {tensor.name!r}: {_contents_count(tensor)} values do not fill "
+                                           f"shape {list(tensor.shape)}")
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):  # counts: KServe's check
                 problem = raw_tensor_problem(tensor.name, tensor.datatype, list(tensor.shape), raw)
                 if problem:
@@ -724,7 +885,7 @@ async def _stop_with(rest_server: Any, grpc_server: Any) -> None:
     await grpc_server.stop(grace=GRACE_SECONDS)
 
 
-async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, models: frozenset[str]) -> Any:
+async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, models: Mapping[str, ExportModel]) -> Any:
     """KServe's gRPC inference service on `host:port` (KServe's own gRPC server binds every
     interface, so its servicer is mounted on a server bound here)."""
     from concurrent import futures
@@ -733,12 +894,12 @@ async def _start_grpc(dataplane: Any, extension: Any, host: str, port: int, mode
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 
-    interceptors = (GrpcCounter(models), LoggingInterceptor(), ExceptionToStatusInterceptor())
+    interceptors = (GrpcCounter(frozenset(models)), LoggingInterceptor(), ExceptionToStatusInterceptor())
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                         options=[("grpc.max_receive_message_length", MAX_BODY),
                                  ("grpc.max_send_message_length", MAX_BODY)])
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_guarded_servicer(dataplane, extension),
-                                                                       server)
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        _guarded_servicer(dataplane, extension, models), _TolerantModelInfer(server))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise ToolkitError(f"cannot listen for gRPC on {address}")

@@ -1,0 +1,182 @@
+"""`toolkit serve` under attack: requests whose cheapest facts (declared shapes, counts, sizes)
+must refuse them before any per-element work, headers that never end or never arrive, bytes
+that are not a gRPC request. A health check must answer meanwhile: the attacks share the one
+event loop with it."""
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from toolkit.launch import free_port, server_process
+
+# toolkit.server's limits: that module imports KServe, whose protos clash with tritonclient's.
+MAX_HEADER_BYTES = 64 * 1024
+HEADER_TIMEOUT_S = 10
+
+
+@pytest.fixture(scope="module")
+def server(quick_export, tmp_path_factory):
+    port, grpc_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("serve-limits") / "server.log"
+    args = ["toolkit", "serve", str(quick_export), "--port", str(port), "--grpc-port", str(grpc_port),
+            "--provider", "cpu"]
+    with log.open("w") as stderr, server_process(args, ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
+                                                 stderr=stderr):
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "grpc": f"127.0.0.1:{grpc_port}", "log": log}
+
+
+def _health_answers_while(url, attack):
+    """`attack()`'s result, with the server's health asked again and again while it runs: each
+    must answer within 1 s (a deadline on the wait: the attack's work must not hold the loop)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(attack)
+        while not running.done():
+            assert httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200
+        return running.result()
+
+
+def _empty_bytes_elements(megabytes):
+    count = megabytes * 2**20 // 4
+    return count, bytes(4 * count)  # each element a 4-byte length of 0
+
+
+@pytest.mark.parametrize(("model", "refusal"), [("lenet-image", "N from 1 to 64"), ("lenet", "must be FP32")])
+def test_millions_of_binary_bytes_elements_are_refused_by_their_declared_shape(server, model, refusal):
+    count, payload = _empty_bytes_elements(8)  # checking each element took the loop ~4 s
+    header = json.dumps({"inputs": [{"name": "image", "shape": [count], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(payload)}}]}).encode()
+    response = _health_answers_while(server["url"], lambda: httpx.post(
+        f"{server['url']}/v2/models/{model}/infer", content=header + payload, timeout=60,
+        headers={"Inference-Header-Content-Length": str(len(header))}))
+    assert response.status_code == 400 and refusal in response.json()["error"]
+
+
+def test_millions_of_grpc_bytes_elements_are_refused_by_their_declared_shape(server):
+    count, payload = _empty_bytes_elements(16)
+    request = service_pb2.ModelInferRequest(model_name="lenet-image", raw_input_contents=[payload])
+    request.inputs.add(name="image", datatype="BYTES", shape=[count])
+
+    def attack():
+        with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        return refused.value
+
+    refused = _health_answers_while(server["url"], attack)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "N from 1 to 64" in refused.details()
+
+
+def test_grpc_contents_are_counted_against_the_shape_before_they_are_read(server):
+    request = service_pb2.ModelInferRequest(model_name="lenet")
+    request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 28, 28]).contents.fp32_contents.extend(
+        [0.5] * 785)
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "785 values do not fill shape [1, 1, 28, 28]" in refused.value.details()
+
+
+def _json_numbers(count, shape=(1, 1, 28, 28)):
+    return (b'{"inputs":[{"name":"image","shape":%s,"datatype":"FP32","data":[' % json.dumps(list(shape)).encode()
+            + b",".join([b"0"] * count) + b"]}]}")
+
+
+def test_a_json_body_with_more_values_than_the_model_takes_is_refused_unparsed(server):
+    body = _json_numbers(4_000_000)  # 8 MB: more than 4,096 images' worth of values
+    response = httpx.post(f"{server['url']}/v2/models/lenet/infer", content=body, timeout=60)
+    assert response.status_code == 400 and "counted by their commas" in response.json()["error"]
+
+
+@pytest.mark.slow
+def test_a_json_body_at_the_cap_leaves_health_answering(server):
+    # 64 MB of numbers declared as one image: parsing it held the loop 3.3 s. Below the count
+    # bound (a full request of 4,096 images), the parse itself runs off the loop.
+    for body in (_json_numbers(32 * 2**20 - 64), _json_numbers(4096 * 784 - 1, shape=(4096, 1, 28, 28))):
+        response = _health_answers_while(server["url"], lambda body=body: httpx.post(
+            f"{server['url']}/v2/models/lenet/infer", content=body, timeout=120))
+        assert response.status_code == 400, response.text
+
+
+def _send_slowly(port, head, chunk=64 * 1024):
+    """A connection that sent `head` (without ending it) in chunks, and what came back."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        try:
+            for start in range(0, len(head), chunk):
+                sock.sendall(head[start:start + chunk])
+        except OSError:  # the server answered and closed while this was still sending
+            pass
+        sock.settimeout(30)
+        return sock.recv(4096)
+
+
+def test_headers_over_the_limit_get_a_431_before_they_end(server):
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * (16 * MAX_HEADER_BYTES)
+    answer = _send_slowly(server["port"], head)
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"connection: close" in answer and b'"error"' in answer
+
+
+def test_slow_headers_get_a_408_and_leave_the_server_answering(server):
+    connections = []
+    try:
+        for _ in range(300):
+            connections.append(socket.create_connection(("127.0.0.1", server["port"])))
+            connections[-1].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # and never the end
+        idle = socket.create_connection(("127.0.0.1", server["port"]))  # sends nothing at all
+        connections.append(idle)
+        started = time.monotonic()
+        assert httpx.get(f"{server['url']}/v2/health/live", timeout=1).status_code == 200
+        for sock in connections:
+            sock.settimeout(HEADER_TIMEOUT_S + 20 - (time.monotonic() - started))
+        answers = [sock.recv(4096) for sock in connections]
+    finally:
+        for sock in connections:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers[:-1]), answers[0]
+    assert answers[-1] == b""  # closed: there was no request to answer
+    assert httpx.get(f"{server['url']}/v2/health/live", timeout=1).status_code == 200
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_built_from_the_host_header(server):
+    response = httpx.get(f"{server['url']}/v2/health/ready/", headers={"Host": "evil.example"})
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json()["error"]
+
+
+def _model_infer(grpc_address, data):
+    """ModelInfer called with `data` as the request's bytes; the status code it ended with."""
+    with grpc.insecure_channel(grpc_address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        try:
+            call(data, timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
+        return grpc.StatusCode.OK, ""
+
+
+def test_bytes_that_are_not_a_grpc_request_are_invalid_argument_without_a_traceback(server):
+    code, details = _model_infer(server["grpc"], b"\xff\xff\xff\xff")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a ModelInferRequest" in details
+    assert "Traceback" not in server["log"].read_text()
+
+
+_VALID = service_pb2.ModelInferRequest(model_name="lenet", raw_input_contents=[bytes(3136)])
+_VALID.inputs.add(name="image", datatype="FP32", shape=[1, 1, 28, 28])
+_REFUSALS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+             grpc.StatusCode.UNIMPLEMENTED}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200), st.builds(
+    lambda raw, at, junk: raw[:at] + junk + raw[at + len(junk):],
+    st.just(_VALID.SerializeToString()), st.integers(0, 100), st.binary(min_size=1, max_size=8))))
+def test_fuzzed_grpc_requests_are_answered_or_refused_never_a_server_error(server, data):
+    code, details = _model_infer(server["grpc"], data)
+    assert code in _REFUSALS, (code, details, data)
