@@ -144,12 +144,14 @@ def parity_problem(export_dir: Path, manifest: dict[str, Any]) -> str | None:
     summary = manifest.get("parity")
     if not isinstance(summary, dict) or not summary:
         return "was not verified"
+    path = export_dir / PARITY
+    if not (path.exists() or path.is_symlink()):
+        return f"was not verified (no {PARITY})"
     recorded = summary.get("report_sha256")
     if not isinstance(recorded, str):
         return f"was recorded by an older toolkit, whose {MANIFEST} does not hold the sha256 of {PARITY}"
-    path = export_dir / PARITY
     if path.is_symlink() or not path.is_file():
-        return f"report {PARITY} is missing or not a regular file"
+        return f"report {PARITY} is not a regular file"
     try:
         data = path.read_bytes()
     except OSError as exc:
