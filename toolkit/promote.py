@@ -1,12 +1,14 @@
 """`toolkit promote`: a fine-tuned export replaces the served one only when it is better.
 
-The gates, in order, each a one-line refusal: the candidate is a proven export (its files match
-its manifest and its parity check passed); on the dataset's test set it loses at most
-`max_acc_drop` points against the served model; on the held-out labelled images (e.g. the
+The candidate is first copied beside the served export (its snapshot); every gate judges that
+copy, and that copy is what is swapped in. The gates, in order, each a one-line refusal: the
+candidate is a proven export (its files match its manifest, and its parity.json, hashed in the
+manifest, proves a passed check of exactly those files); on the dataset's test set it loses at
+most `max_acc_drop` points against the served model; on the held-out labelled images (e.g. the
 held-out part of `toolkit feedback export`) it is right more often than the served model. Only
-then is it copied in with the same staged swap as `toolkit export`, the served export kept
-beside it as `NAME.previous` (`rollback` swaps them back). A running `toolkit demo` notices the
-new export and switches to it.
+then is it swapped in as `toolkit export` swaps, the served export kept beside it as
+`NAME.previous` (`rollback` swaps them back). A running `toolkit demo` notices the new export
+and switches to it.
 """
 
 from __future__ import annotations
