@@ -327,6 +327,13 @@ def test_export_never_replaces_a_folder_it_did_not_write(bad, quick_export, fold
     assert not list(target.parent.glob(f".{target.name}.*"))
 
 
+def test_a_positional_argument_is_named_as_the_user_typed_it(bad, tmp_path):
+    """`feedback export DIR OUT` has no `--out` option: the message names the folder given."""
+    result = cli_in_process("feedback", "export", tmp_path, bad / "with-notes")
+    assert result.returncode == 1 and "--out" not in result.stderr
+    assert result.stderr.startswith(f"error: {bad / 'with-notes'} exists and is not an empty folder")
+
+
 @pytest.mark.parametrize("command", ["compare mlp tinycnn mlp", "train lenet --name ../elsewhere"])
 def test_an_error_before_training_prints_nothing_but_the_error(command):
     result = run_cli(*command.split())

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ from tests.conftest import run_cli
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.export import ExportOptions
 from toolkit.fileio import sha256_file
-from toolkit.publish import export_verified
+from toolkit.publish import export_verified, replacing, staged_directory
 from toolkit.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
 
 ARTIFACTS = ("model.onnx", "model.ts", "model.pt2", "model.int8.onnx", "model.fp16.onnx", "model.pt",
@@ -33,6 +34,9 @@ def test_every_artifact_is_listed_with_its_hash(export_dir):
     assert manifest["onnx_opset"] >= 18
     assert manifest["metadata"]["arch"] == "lenet"
     assert manifest["parity"]["passed"] is True
+    assert manifest["parity"]["report_sha256"] == sha256_file(export_dir / "parity.json")  # the evidence, hashed
+    parity = json.loads((export_dir / "parity.json").read_text())
+    assert parity["artifacts"] == {name: entry["sha256"] for name, entry in manifest["artifacts"].items()}
 
 
 def test_parity_report_meets_the_targets(export_dir):
@@ -234,7 +238,7 @@ def test_failed_checks_raise_typed_errors_that_carry_the_report(export_dir, trai
     assert "model.fp16.onnx" in report.integrity
     with pytest.raises(ArtifactIntegrityError):
         report.raise_for_failure()
-    assert json.loads((tampered / "parity.json").read_text())["parity_version"] == 1
+    assert json.loads((tampered / "parity.json").read_text())["parity_version"] == 2
 
 
 def test_out_dot_exports_into_the_folder_it_names_and_others_can_read_it(quick_run, tmp_path):
@@ -262,3 +266,21 @@ def test_every_format_of_the_table_has_a_writer_and_exports_on_its_own(quick_run
     assert run_cli("export", quick_run, "--format", "torch-export", "--out", out, "--no-verify").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt", "model.pt2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["program"]
+
+
+def test_an_export_waits_for_the_promotion_that_holds_its_folder(tmp_path):
+    """`export --out` swaps under the lock a promotion or rollback of that folder holds."""
+    target, swapped = tmp_path / "lenet", threading.Event()
+
+    def export():
+        with staged_directory(target) as stage:
+            (stage / "model.onnx").write_text("new")
+        swapped.set()
+
+    with replacing(target, wait=False):  # as `toolkit promote --serving TARGET` holds it while it scores
+        exporting = threading.Thread(target=export)
+        exporting.start()
+        assert not swapped.wait(1.0) and not target.exists()  # built, and waiting to swap
+    exporting.join(30)
+    assert swapped.is_set() and (target / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet"]  # no lock file or stage left behind

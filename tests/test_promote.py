@@ -3,8 +3,11 @@ one is kept and comes back with --rollback, and a running demo switches without 
 
 import fcntl
 import json
+import logging
+import os
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,9 +15,12 @@ from gradio_client import Client, handle_file
 
 from tests.conftest import run_cli
 from toolkit.app import launch
+from toolkit.evaluate import load_scoring_model
+from toolkit.fileio import sha256_file
 from toolkit.inference import classify
 from toolkit.launch import free_port, toolkit_server
-from toolkit.runtime import Predictor
+from toolkit.promote import promote
+from toolkit.runtime import Predictor, ReloadingPredictor
 from toolkit.styled import write_styled_digits
 
 pytestmark = pytest.mark.slow  # trains and verifies two exports
@@ -142,15 +148,100 @@ def test_a_previous_that_is_not_an_export_is_never_overwritten(setting, tmp_path
     (kept / "notes.txt").write_text("mine")
     before = _files(serving)
     result = _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir)
-    assert result.returncode == 1 and "refusing to replace it" in result.stderr
+    assert result.returncode == 1 and "refusing to replace it, move it away" in result.stderr
+    assert "--out" not in result.stderr  # nobody chose where SERVED.previous is
     assert _files(serving) == before and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_a_served_folder_with_added_files_is_refused_at_once_by_its_option(setting, tmp_path, mnist_dir):
+    serving = _serving(setting, tmp_path)
+    (serving / "notes.txt").write_text("mine")
+    before = _files(serving)
+    result = _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir)
+    assert result.returncode == 1 and "choose another --serving" in result.stderr and "--out" not in result.stderr
+    assert _files(serving) == before and not (tmp_path / "report").exists()  # refused before any scoring
 
 
 def test_promotions_of_one_export_do_not_race(setting, tmp_path, mnist_dir):
     serving = _serving(setting, tmp_path)
-    with open(serving.with_name(".lenet.promote.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # as a promotion in progress holds it
-        result = _promote(setting / "exports" / "tuned", serving, setting, tmp_path, mnist_dir)
-        rollback = run_cli("promote", "--rollback", "--serving", serving)
-    assert result.returncode == 1 and "another promotion or rollback" in result.stderr
-    assert rollback.returncode == 1 and "another promotion or rollback" in rollback.stderr
+    candidate = tmp_path / "exports" / "tuned"
+    shutil.copytree(setting / "exports" / "tuned", candidate)
+    for locked in (serving, candidate):  # as an export, promotion or rollback in progress holds it
+        with open(locked.with_name(f".{locked.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = _promote(candidate, serving, setting, tmp_path, mnist_dir)
+            rollback = run_cli("promote", "--rollback", "--serving", serving)
+        assert result.returncode == 1 and f"{locked} is being replaced by another" in result.stderr
+        if locked == serving:
+            assert rollback.returncode == 1 and "is being replaced by another" in rollback.stderr
+    assert not list(serving.parent.glob(".lenet.staging-*"))  # the refused promotions left no snapshot
+
+
+def test_what_is_served_is_what_was_scored(setting, tmp_path, mnist_dir, monkeypatch):
+    """`toolkit export --out CANDIDATE` finishing while the candidate is scored swaps another
+    export in with two renames: promote serves the export it scored, not what the path holds."""
+    serving = _serving(setting, tmp_path)
+    candidate, other = tmp_path / "exports" / "tuned", tmp_path / "exports" / "other"
+    shutil.copytree(setting / "exports" / "tuned", candidate)
+    shutil.copytree(setting / "exports" / "same", other)  # verified too, and no better than the served model
+    scored = _files(candidate)
+
+    def load_then_replace_the_candidate(path, *args, **kwargs):
+        model = load_scoring_model(path, *args, **kwargs)
+        if Path(path).resolve() != serving.resolve():  # the candidate has been loaded to be scored
+            os.replace(candidate, tmp_path / "exports" / ".tuned.old")
+            os.replace(other, candidate)
+        return model
+
+    monkeypatch.setattr("toolkit.promote.load_scoring_model", load_then_replace_the_candidate)
+    result = promote(candidate, serving, setting / "heldout", data_dir=mnist_dir, report_dir=tmp_path / "report")
+    assert result.promoted, result.reason
+    assert _files(serving) == scored
+
+
+def _unproven(setting, target, tampering):
+    """The better model's export with its parity evidence tampered with, in one of four ways."""
+    shutil.copytree(setting / "exports" / "tuned", target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    if tampering == "verdict-written-in":  # `export --no-verify`, then "passed": true in the manifest
+        (target / "parity.json").unlink()
+        manifest["parity"] = {"passed": True}
+    if tampering == "report-edited":
+        report = json.loads((target / "parity.json").read_text())
+        (target / "parity.json").write_text(json.dumps({**report, "atol": 1.0}))
+    if tampering == "older-toolkit":  # an export verified before parity.json was hashed
+        del manifest["parity"]["report_sha256"]
+    if tampering == "other-model":  # files and manifest agree, the report checked another model.onnx
+        shutil.copyfile(setting / "exports" / "same" / "model.onnx", target / "model.onnx")
+        manifest["artifacts"]["model.onnx"] = {"bytes": (target / "model.onnx").stat().st_size,
+                                               "sha256": sha256_file(target / "model.onnx")}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("tampering", "message"), [
+    ("verdict-written-in", "parity was not verified"),
+    ("report-edited", "parity.json does not match the sha256 in manifest.json"),
+    ("older-toolkit", "recorded by an older toolkit"),
+    ("other-model", "parity.json checked other files than manifest.json lists"),
+])
+def test_a_parity_verdict_that_is_not_proven_is_refused(setting, tmp_path, mnist_dir, tampering, message):
+    serving = _serving(setting, tmp_path)
+    before, candidate = _files(serving), tmp_path / "candidate"
+    _unproven(setting, candidate, tampering)
+    result = _promote(candidate, serving, setting, tmp_path, mnist_dir)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "toolkit verify" in result.stderr and _files(serving) == before
+
+
+def test_a_reload_that_fails_is_tried_again_until_the_copy_is_complete(setting, tmp_path, caplog):
+    serving, new = _serving(setting, tmp_path), setting / "exports" / "tuned"
+    live = ReloadingPredictor(serving, provider="cpu")
+    live.CHECK_EVERY_S = 0
+    old = live.current
+    shutil.copy2(new / "manifest.json", serving / "manifest.json")  # a copy of the new export has begun
+    with caplog.at_level(logging.ERROR, logger="toolkit.runtime"):
+        assert live.current is old and live.current is old  # its model is not there yet
+    assert len([r for r in caplog.records if "kept serving the previous model" in r.message]) == 1
+    shutil.copytree(new, serving, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))  # it ends
+    checkpoint = Predictor(new, provider="cpu").metadata["source_checkpoint_sha256"]
+    assert live.current.metadata["source_checkpoint_sha256"] == checkpoint  # the model loaded, not the file

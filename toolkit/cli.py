@@ -821,7 +821,7 @@ def feedback_export(
     from toolkit.feedback import FeedbackStore, export_image_folder
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ToolkitError(f"{out} exists and is not an empty folder; choose a new folder", option="out")
+        raise ToolkitError(f"{out} exists and is not an empty folder; choose a new folder")
     examples, problems = FeedbackStore(folder).examples()
     for problem in problems:
         err_console.print(problem, highlight=False)

@@ -8,6 +8,8 @@ bytes (and those of its ONNX external data) match the manifest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import re
@@ -19,6 +21,9 @@ from toolkit.fileio import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
+# Of parity.json. 2: it lists the sha256 of every artifact it checked, and the manifest's parity
+# summary carries its own sha256 (`parity_problem`).
+PARITY_VERSION = 2
 FORMAT = "toolkit-export"
 VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -125,6 +130,48 @@ def prove(path: Path, action: str) -> dict[str, Any]:
         raise IntegrityError(f"refusing to {action} {path}: {exc}; re-export it, or pass `skip_integrity_check` "
                              "if you trust it") from None
     return manifest
+
+
+def parity_problem(export_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the export's parity is not proven, or None (it reads after "its parity ...").
+
+    The verdict is parity.json's, never the manifest's summary: the summary names parity.json by
+    its sha256, and parity.json names every artifact it checked by theirs, which must be exactly
+    the manifest's artifacts. With the artifacts checked against the manifest (`check_artifact`),
+    an edited verdict, a report borrowed from another export and one older than the artifacts
+    are each caught; only rewriting the report, every hash and the manifest together is not.
+    """
+    summary = manifest.get("parity")
+    if not isinstance(summary, dict) or not summary:
+        return "was not verified"
+    path = export_dir / PARITY
+    if not (path.exists() or path.is_symlink()):
+        return f"was not verified (no {PARITY})"
+    recorded = summary.get("report_sha256")
+    if not isinstance(recorded, str):
+        return f"was recorded by an older toolkit, whose {MANIFEST} does not hold the sha256 of {PARITY}"
+    if path.is_symlink() or not path.is_file():
+        return f"report {PARITY} is not a regular file"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"report {PARITY} cannot be read ({exc.strerror or exc})"
+    if hashlib.sha256(data).hexdigest() != recorded:
+        return f"report {PARITY} does not match the sha256 in {MANIFEST} (edited after the check?)"
+    try:
+        report = json.loads(data)
+    except (ValueError, RecursionError):
+        return f"report {PARITY} is not valid JSON"
+    if not isinstance(report, dict) or report.get("parity_version") != PARITY_VERSION:
+        version = report.get("parity_version") if isinstance(report, dict) else None
+        return f"report {PARITY} has version {version!r}; this toolkit reads {PARITY_VERSION}"
+    if report.get("artifacts") != {name: entry["sha256"] for name, entry in manifest["artifacts"].items()}:
+        return f"report {PARITY} checked other files than {MANIFEST} lists (changed after the check?)"
+    backends = report.get("backends")
+    if (report.get("passed") is not True or report.get("integrity") or not isinstance(backends, dict) or not backends
+            or not all(isinstance(r, dict) and r.get("passed") is True for r in backends.values())):
+        return f"check failed (see {PARITY})"
+    return None
 
 
 def external_data_files(model_path: Path) -> list[str]:

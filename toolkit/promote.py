@@ -1,20 +1,22 @@
 """`toolkit promote`: a fine-tuned export replaces the served one only when it is better.
 
-The gates, in order, each a one-line refusal: the candidate is a proven export (its files match
-its manifest and its parity check passed); on the dataset's test set it loses at most
-`max_acc_drop` points against the served model; on the held-out labelled images (e.g. the
+The candidate is first copied beside the served export (its snapshot); every gate judges that
+copy, and that copy is what is swapped in. The gates, in order, each a one-line refusal: the
+candidate is a proven export (its files match its manifest, and its parity.json, hashed in the
+manifest, proves a passed check of exactly those files); on the dataset's test set it loses at
+most `max_acc_drop` points against the served model; on the held-out labelled images (e.g. the
 held-out part of `toolkit feedback export`) it is right more often than the served model. Only
-then is it copied in with the same staged swap as `toolkit export`, the served export kept
-beside it as `NAME.previous` (`rollback` swaps them back). A running `toolkit demo` notices the
-new export and switches to it.
+then is it swapped in as `toolkit export` swaps, the served export kept beside it as
+`NAME.previous` (`rollback` swaps them back). A running `toolkit demo` notices the new export
+and switches to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,8 +29,8 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluate import ScoringModel, load_scoring_model, model_logits
 from toolkit.fileio import files_together, write_json
 from toolkit.imagefolder import read_image_folder
-from toolkit.manifest import read_manifest
-from toolkit.publish import staged_directory
+from toolkit.manifest import MANIFEST, PARITY, parity_problem, read_manifest
+from toolkit.publish import replacing, staging_beside, swap_in
 from toolkit.verify import integrity_problems
 
 DEFAULT_MAX_ACC_DROP = 0.2  # points of test accuracy a candidate may lose
@@ -61,54 +63,82 @@ def _accuracy(model: ScoringModel, pixels: np.ndarray, labels: np.ndarray) -> tu
     return float((predicted == labels).mean()), predicted
 
 
-def _refusal(candidate: Path) -> str | None:
-    """Why `candidate` is not a proven export, or None."""
-    manifest = read_manifest(candidate)
-    problems = integrity_problems(candidate, manifest)
+def _refusal(snapshot: Path, candidate: Path) -> str | None:
+    """Why the snapshot of `candidate` is not a proven export, or None."""
+    manifest = read_manifest(snapshot)
+    problems = integrity_problems(snapshot, manifest)
     if problems:
         name, problem = next(iter(problems.items()))
+        problem = problem.replace(str(snapshot), str(candidate))
         return f"the candidate's files do not match its manifest ({name}: {problem})"
-    parity = manifest.get("parity") or {}
-    if parity.get("passed") is not True:
-        return "the candidate's parity was not verified (export it with verification, or run `toolkit verify`)"
+    problem = parity_problem(snapshot, manifest)
+    if problem is not None:
+        return f"the candidate's parity {problem} (export it with verification, or run `toolkit verify`)"
     return None
-
-
-@contextlib.contextmanager
-def _exclusive(serving: Path) -> Iterator[None]:
-    """One promotion or rollback of `serving` at a time: two racing would each compare against
-    the export the other replaces, and keep the wrong one as previous."""
-    lock = serving.with_name(f".{serving.name}.promote.lock")
-    try:
-        handle = open(lock, "a")  # noqa: SIM115  (held for the block)
-    except OSError as exc:
-        raise ToolkitError(f"cannot lock {serving} for promotion: {exc.strerror or exc}") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ToolkitError(f"another promotion or rollback of {serving} is running; try again when it "
-                               "is done") from None
-        yield
 
 
 def promote(candidate: str | Path, serving: str | Path, heldout: str | Path, *,
             data_dir: str | Path | None = None, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
             report_dir: str | Path = Path("reports") / "promotion") -> Promotion:
     """Replace `serving` with `candidate` if it passes every gate; write promotion.json and
-    changed.png (the held-out images whose answer changed, before and after) either way."""
+    changed.png (the held-out images whose answer changed, before and after) either way.
+
+    The candidate is copied first into a staging dir beside `serving` (its snapshot): that copy
+    is what is checked, scored and swapped in, whatever the candidate's path holds meanwhile.
+    `serving` is locked throughout, the candidate while it is copied (`publish.replacing`)."""
     candidate, serving = Path(candidate).resolve(), Path(serving).resolve()
-    with _exclusive(serving):
-        return _promote(candidate, serving, Path(heldout), data_dir, max_acc_drop, Path(report_dir))
-
-
-def _promote(candidate: Path, serving: Path, heldout: Path, data_dir: str | Path | None, max_acc_drop: float,
-             report_dir: Path) -> Promotion:
     if not 0 <= max_acc_drop <= 100:
         raise ToolkitError(f"must be between 0 and 100 points, got {max_acc_drop}", option="max_acc_drop")
     if candidate == serving:
         raise ToolkitError(f"{candidate} is the served export itself")
-    models = {"serving": load_scoring_model(serving, "cpu"), "candidate": load_scoring_model(candidate, "cpu")}
+    for role, path in (("candidate", candidate), ("served", serving)):
+        if not path.is_dir():
+            raise ToolkitError(f"no {role} export at {path}")
+    kept = previous_of(serving)
+    with (replacing(serving, wait=False),
+          staging_beside(serving, keep_previous=kept, named_by="serving") as (_, snapshot),
+          _standing_for(snapshot, candidate)):
+        with replacing(candidate, wait=False, required=False):
+            _copy_export(candidate, snapshot)
+        return _promote(candidate, snapshot, serving, Path(heldout), data_dir, max_acc_drop, Path(report_dir))
+
+
+def _copy_export(candidate: Path, snapshot: Path) -> None:
+    """Copy the candidate's manifest, then parity.json and every file that manifest lists, into
+    `snapshot`. Only regular files are copied: a missing file, a link or a FIFO is left for the
+    integrity check to name."""
+    _copy_regular_file(candidate / MANIFEST, snapshot / MANIFEST)
+    for name in [*read_manifest(snapshot)["artifacts"], PARITY]:
+        _copy_regular_file(candidate / name, snapshot / name)
+
+
+def _copy_regular_file(source: Path, target: Path) -> None:
+    try:
+        if not stat.S_ISREG(os.lstat(source).st_mode):
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ToolkitError(f"cannot copy {source}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def _standing_for(snapshot: Path, candidate: Path) -> Iterator[None]:
+    """Errors about the snapshot name the candidate it was copied from."""
+    try:
+        yield
+    except ToolkitError as exc:
+        if str(snapshot) not in str(exc.args[0]):
+            raise
+        raise ToolkitError(str(exc.args[0]).replace(str(snapshot), str(candidate)), option=exc.option) from None
+
+
+def _promote(candidate: Path, snapshot: Path, serving: Path, heldout: Path, data_dir: str | Path | None,
+             max_acc_drop: float, report_dir: Path) -> Promotion:
+    """Score the served export and the candidate's snapshot; swap the snapshot in if it passes."""
+    models = {"serving": load_scoring_model(serving, "cpu"), "candidate": load_scoring_model(snapshot, "cpu")}
     if models["serving"].class_names != models["candidate"].class_names:
         raise ToolkitError("the candidate and the served model name different classes")
     if models["serving"].dataset != models["candidate"].dataset:
@@ -124,7 +154,7 @@ def _promote(candidate: Path, serving: Path, heldout: Path, data_dir: str | Path
         images[role] = read_image_folder(heldout, model.class_names, model.framing)
         heldout_acc[role], answers[role] = _accuracy(model, images[role].unit_float(), images[role].labels)
     drop = 100 * (test_acc["serving"] - test_acc["candidate"])
-    reason = _refusal(candidate)
+    reason = _refusal(snapshot, candidate)
     if reason is None and drop > max_acc_drop:
         reason = (f"the candidate loses {drop:.2f} points of test accuracy ({test_acc['serving']:.2%} -> "
                   f"{test_acc['candidate']:.2%}; allowed {max_acc_drop:g})")
@@ -134,8 +164,7 @@ def _promote(candidate: Path, serving: Path, heldout: Path, data_dir: str | Path
     kept = None
     if reason is None:
         kept = previous_of(serving)
-        with staged_directory(serving, keep_previous=kept) as stage:
-            shutil.copytree(candidate, stage, dirs_exist_ok=True)
+        swap_in(snapshot, serving, keep_previous=kept, named_by="serving")
         reason = (f"promoted: held-out {heldout_acc['serving']:.2%} -> {heldout_acc['candidate']:.2%}, test "
                   f"{test_acc['serving']:.2%} -> {test_acc['candidate']:.2%}")
     result = Promotion(promoted=kept is not None, reason=reason, candidate=str(candidate), serving=str(serving),
@@ -164,7 +193,7 @@ def _write_report(result: Promotion, pixels: np.ndarray, labels: np.ndarray, ans
 def rollback(serving: str | Path) -> Path:
     """Swap the served export and the one the last promotion kept; returns the kept one's path."""
     serving = Path(serving).resolve()
-    with _exclusive(serving):
+    with replacing(serving, wait=False):
         return _swap_back(serving)
 
 

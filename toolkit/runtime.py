@@ -300,8 +300,9 @@ class ReloadingPredictor:
     """The Predictor of whatever export is at a path now: when the export there changes (`toolkit
     promote` swaps a new one in, or `toolkit export` replaces it), the next `current` loads it.
     Callers take `current` once per request, so a request in flight finishes on the model it
-    started with. A new export that fails to load (or its checks) is logged, and the old model
-    keeps serving."""
+    started with. A new export that fails to load (or its checks) is logged once, and the old
+    model keeps serving; it is tried again at every check until it loads, since a copy still in
+    progress (a manifest copied before its model) completes a moment later."""
 
     CHECK_EVERY_S = 1.0
 
@@ -309,6 +310,7 @@ class ReloadingPredictor:
         self.model, self.options = Path(model), predictor_options
         self._predictor = Predictor(model, **predictor_options)
         self._stamp, self._checked = self._changes(), time.monotonic()
+        self._failed: tuple[int, int, int] | None = None  # the change whose load failed, logged once
         self._lock = threading.Lock()
 
     def _changes(self) -> tuple[int, int, int] | None:
@@ -330,13 +332,16 @@ class ReloadingPredictor:
             self._checked = now
             stamp = self._changes()
             if stamp is not None and stamp != self._stamp:
-                self._stamp = stamp
                 try:
                     self._predictor = Predictor(self.model, **self.options)
+                except (ToolkitError, OSError) as exc:  # OSError: a file removed while it was read
+                    if stamp != self._failed:
+                        log.error("kept serving the previous model: the export now at %s does not load (tried "
+                                  "again every %g s): %s", self.model, self.CHECK_EVERY_S, exc)
+                    self._failed = stamp
+                else:
+                    self._stamp = stamp
                     log.info("switched to the export now at %s", self.model)
-                except ToolkitError as exc:
-                    log.error("kept serving the previous model: the export now at %s does not load: %s",
-                              self.model, exc)
         finally:
             self._lock.release()
         return self._predictor

@@ -19,16 +19,20 @@ from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.formats import FORMATS
-from toolkit.manifest import MANIFEST, IntegrityError, check_artifact, read_manifest, unlisted_files
+from toolkit.manifest import (
+    MANIFEST,
+    PARITY,
+    PARITY_VERSION,
+    IntegrityError,
+    check_artifact,
+    read_manifest,
+    unlisted_files,
+)
 from toolkit.runners import TORCH_LOADERS, Runner, onnx_runner, torch_runner
 from toolkit.runtime import cuda_provider_usable
 
 DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
 EVAL_BATCH = 500
-
-
-
-PARITY_VERSION = 1  # of parity.json
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ParityReport:
     reference_accuracy: float
     backends: dict[str, BackendResult] = field(default_factory=dict)
     integrity: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256 of every file checked
 
     def failures(self) -> list[str]:
         lines = [f"{name}: {r.reason}" for name, r in self.backends.items() if not r.passed]
@@ -232,6 +237,7 @@ def verify_export(
     reference = reference_outputs(export_dir, data_dir)
     report = reference.report(atol, rtol, max_acc_drop)
     report.integrity = integrity_problems(export_dir, manifest)
+    report.artifacts = {name: entry["sha256"] for name, entry in manifest["artifacts"].items()}
     for name, (artifact, kind, factory) in discover_backends(export_dir).items():
         if progress:
             progress(name)
@@ -239,7 +245,7 @@ def verify_export(
     if not report.backends:
         raise ToolkitError(f"{export_dir} holds no exported model to verify (model.onnx, model.ts, ...)")
     report.passed = all(r.passed for r in report.backends.values()) and not report.integrity
-    write_json(export_dir / "parity.json", report.to_json())
+    write_json(export_dir / PARITY, report.to_json())
     return report
 
 
