@@ -98,7 +98,8 @@ class ShapeError(ParityError):
 
 
 class ToleranceError(ParityError):
-    """An fp32 backend's logits differ from PyTorch's beyond atol + rtol x |reference|, or its top-1 does."""
+    """An fp32 backend's outputs differ from PyTorch's beyond atol + rtol x |reference| or are not
+    finite, or its top-1 differs."""
 
 
 class AccuracyDropError(ParityError):
