@@ -267,6 +267,9 @@ CASES = [
     ("verify {export} --model lenet", "--model applies to --endpoint only", 1),
     ("verify {export} --endpoint ftp://example.org", "--endpoint not an http(s) URL", 1),
     ("verify {export} --endpoint http://127.0.0.1:1", "cannot reach http://127.0.0.1:1", 1),
+    ("verify {export} --deadline 5", "--deadline applies to --endpoint only", 1),
+    ("verify {export} --endpoint http://127.0.0.1:1 --deadline 0", "--deadline must be a finite number > 0", 1),
+    ("verify {export} --endpoint http://127.0.0.1:1 --max-answer-mb nan", "--max-answer-mb must be a finite", 1),
 ]
 
 

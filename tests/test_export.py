@@ -136,7 +136,7 @@ def test_a_perturbed_onnx_weight_fails_verification_by_name(export_dir, tmp_path
     onnx.save(model, str(tampered / "model.onnx"))
     result = run_cli("verify", tampered)
     assert result.returncode != 0
-    assert "onnxruntime-cpu: sample" in result.stderr and "differs by" in result.stderr
+    assert "onnxruntime-cpu: logits: sample" in result.stderr and "differs by" in result.stderr
     assert "Traceback" not in result.stderr
     parity = json.loads((tampered / "parity.json").read_text())
     assert parity["passed"] is False

@@ -251,6 +251,10 @@ def verify_command(
         help="With --endpoint: the served model's name (default: the export folder's name).")] = None,
     json_path: Annotated[Path, typer.Option(
         "--json", help="With --endpoint: where to write the report.")] = BENCH_DIR / "endpoint-parity.json",
+    deadline: Annotated[float | None, typer.Option(
+        help="With --endpoint: seconds the endpoint gets for all its answers together (default 600).")] = None,
+    max_answer_mb: Annotated[float | None, typer.Option(
+        help="With --endpoint: the most MB one answer may have, none decompressed (default 16).")] = None,
 ) -> None:
     """Run every artifact of an export over the whole test set against PyTorch; write parity.json.
     With --endpoint, send the test set through a served model instead and write endpoint-parity.json.
@@ -258,19 +262,22 @@ def verify_command(
     Exits non-zero, naming the backend and the worst sample, when any backend disagrees.
     """
     export_dir = export_dir or newest_export_dir()
+    endpoint_only = {"model": model, "deadline": deadline, "max_answer_mb": max_answer_mb}
     if endpoint is not None:
         from toolkit.endpoint import verify_endpoint
 
+        limits = {name: value for name, value in endpoint_only.items() if value is not None and name != "model"}
         with console.status(f"checking {endpoint}...") as status:
             report = verify_endpoint(export_dir, endpoint, model=model, data_dir=data_dir, atol=atol, rtol=rtol,
-                                     json_path=json_path,
+                                     json_path=json_path, **limits,
                                      progress=lambda name: status.update(f"checking {name} at {endpoint}..."))
         _show_parity(report)
         report.raise_for_failure(f"endpoint parity check failed at {endpoint}")
         console.print(f"endpoint parity report: {json_path}")
         return
-    if model is not None:
-        raise ToolkitError("applies to `endpoint` only", option="model")
+    for name, value in endpoint_only.items():
+        if value is not None:
+            raise ToolkitError("applies to `endpoint` only", option=name)
     from toolkit.publish import attach_parity
     from toolkit.verify import verify_export
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.checkpoint import build_deployable, load_checkpoint
+from toolkit.contract import OUTPUT_NAMES
 from toolkit.data import load_split
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
@@ -102,7 +103,8 @@ class ShapeError(ParityError):
 
 
 class ToleranceError(ParityError):
-    """An fp32 backend's logits differ from PyTorch's beyond atol + rtol x |reference|, or its top-1 does."""
+    """An fp32 backend's outputs differ from PyTorch's beyond atol + rtol x |reference| or are not
+    finite, or its top-1 differs."""
 
 
 class AccuracyDropError(ParityError):
@@ -196,10 +198,10 @@ class Reference:
                             edge_cases=self.edge_names, reference_accuracy=accuracy)
 
     def compare(self, artifact: str, kind: str, runner: Runner, report: ParityReport) -> BackendResult:
-        """`runner` over every batch against this reference, under `report`'s tolerances."""
-        logits, _, shapes_ok = run_all(runner, self.batches, self.num_classes)
-        return compare_outputs(artifact, kind, logits, self.logits, self.labels, shapes_ok,
-                               report.atol, report.rtol, report.max_acc_drop)
+        """`runner` over every batch against this reference, both outputs under `report`'s tolerances."""
+        logits, probabilities, shapes_ok = run_all(runner, self.batches, self.num_classes)
+        outputs = dict(zip(OUTPUT_NAMES, ((logits, self.logits), (probabilities, self.probabilities)), strict=True))
+        return compare_each(artifact, kind, outputs, self.labels, shapes_ok, report)
 
 
 def check_tolerances(atol: float, rtol: float, max_acc_drop: float) -> None:
@@ -249,14 +251,34 @@ def verify_export(
     return report
 
 
+def compare_each(
+    artifact: str, kind: str, outputs: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
+    shapes_ok: bool, report: ParityReport,
+) -> BackendResult:
+    """Every output (name -> (answer, reference)) under `compare_outputs`' rules: the result of
+    the first that fails, its reason naming it, or else the first output's."""
+    results = {name: compare_outputs(artifact, kind, answer, ref, labels, shapes_ok, report.atol, report.rtol,
+                                     report.max_acc_drop)
+               for name, (answer, ref) in outputs.items()}
+    for name, result in results.items():
+        if not result.passed:
+            result.reason = f"{name}: {result.reason}"
+            return result
+    return next(iter(results.values()))
+
+
 def compare_outputs(
     artifact: str, kind: str, logits: np.ndarray, ref: np.ndarray, labels: np.ndarray, shapes_ok: bool,
     atol: float, rtol: float, max_acc_drop: float,
 ) -> BackendResult:
     """One backend's outputs against the reference's, under the rules of its kind: fp32 within
-    atol + rtol x |reference| and the same top-1 everywhere; int8/fp16 by accuracy drop."""
+    atol + rtol x |reference| and the same top-1 everywhere; int8/fp16 by accuracy drop. A NaN
+    or infinite value fails either kind."""
     n_test = len(labels)
-    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
+    finite = np.isfinite(logits)
+    # A non-finite value counts as float32's largest: a difference no backend reaches, and plain JSON.
+    logits = np.where(finite, logits.astype(np.float64), np.finfo(np.float32).max)
+    diff = np.abs(logits - ref.astype(np.float64))
     excess = diff - (atol + rtol * np.abs(ref))
     worst = int(excess.max(axis=1).argmax())
     significant = np.abs(ref) > atol  # relative error of a near-zero logit says nothing
@@ -266,6 +288,10 @@ def compare_outputs(
     ref_acc = float((ref[:n_test].argmax(1) == labels).mean())
     if not shapes_ok:
         passed, failure, reason = False, "shape", "output shapes differ from [N, classes]"
+    elif not finite.all():
+        first = int(np.argwhere(~finite)[0][0])
+        passed, failure = False, "tolerance" if kind == "fp32" else "accuracy"
+        reason = f"{int((~finite).sum())} values are NaN or infinite (the first in sample {first})"
     elif kind == "fp32":
         passed, failure = bool((excess <= 0).all()) and agreement == 1.0, "tolerance"
         reason = "" if passed else (
