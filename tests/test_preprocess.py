@@ -1,12 +1,15 @@
 import io
+import json
+import os
+import struct
 
 import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageOps
 
-from tests.conftest import FASHION_DIR
+from tests.conftest import FASHION_DIR, run_cli
 from toolkit.data import load_split
-from toolkit.decode import ImageReadError, load_image
+from toolkit.decode import MAX_FILE_BYTES, ImageReadError, load_image, read_image_file
 from toolkit.errors import ToolkitError
 from toolkit.framing import MNIST_FRAMING, Framing, frame_stroke_width, measure_framing
 from toolkit.inference import classify
@@ -148,6 +151,24 @@ def test_truncated_png_and_decompression_bomb(tmp_path):
     Image.new("1", (12_000, 12_000), 1).save(bomb, format="PNG")  # a few KB on disk
     with pytest.raises(ImageReadError, match="too large"):
         load_image(bomb.getvalue())
+
+
+def test_files_over_the_size_cap_are_refused_before_they_are_read(tmp_path, quick_export):
+    png = io.BytesIO()
+    Image.new("L", (28, 28)).save(png, format="PNG")
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:  # a PNG whose 3 GB text chunk Pillow would read whole: sparse, no disk used
+        f.write(png.getvalue()[:33] + struct.pack(">I", 3 * 2**30 - 45) + b"tEXt")
+        f.truncate(3 * 2**30)
+    for read in (load_image, preprocess, read_image_file):
+        with pytest.raises(ImageReadError, match=r"too big \(3,072 MB; limit 154 MB\)"):
+            read(huge)
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        read_image_file(tmp_path / "pipe.png")  # refused, not waited on for a writer
+    result = run_cli("predict", huge, "--model", quick_export, "--json")
+    assert result.returncode == 1 and "too big" in json.loads(result.stdout)[0]["error"], result.stderr
+    assert MAX_FILE_BYTES >= 4 * 40_000_000  # an uncompressed image at the 40 Mpx cap still fits
 
 
 def test_framing_is_measured_from_the_training_images(mnist_dir):

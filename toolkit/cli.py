@@ -820,11 +820,12 @@ def feedback_drop(
 def feedback_export(
     folder: FeedbackDirArgument,
     out: Annotated[Path, typer.Argument(help="New folder: OUT/train/<class>/*.png and OUT/heldout/<class>/*.png.")],
-    heldout_percent: Annotated[int, typer.Option(help="Share of examples held out, chosen by id.")] = 50,
+    heldout_percent: Annotated[int, typer.Option(help="Share of examples held out, chosen by content.")] = 50,
 ) -> None:
     """The drawings as drawn, as labelled images to train (`train --extra-data OUT/train`) and
-    evaluate (`evaluate --images OUT/heldout`) on; the split is by example and stable as the
-    folder grows."""
+    evaluate (`evaluate --images OUT/heldout`) on; the split is by content (the same drawing is
+    always on the same side), stable as the folder grows, and a drawing saved again with the same
+    label is exported once."""
     from toolkit.feedback import FeedbackStore, export_image_folder
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -835,7 +836,8 @@ def feedback_export(
     if not examples:
         raise ToolkitError(f"{folder} holds no examples to export")
     counts = export_image_folder(examples, out, heldout_percent)
-    console.print(f"{counts['train']} examples to {out / 'train'}, {counts['heldout']} to {out / 'heldout'}")
+    console.print(f"{counts['train']} examples to {out / 'train'}, {counts['heldout']} to {out / 'heldout'}"
+                  + (f"; {counts['duplicates']} saved again left out" if counts["duplicates"] else ""))
 
 
 @app.command()

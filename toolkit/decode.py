@@ -4,7 +4,10 @@ in folders."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +21,9 @@ from toolkit.framing import FRAME
 
 MAX_WORKING_SIDE = 1024  # larger inputs are downscaled first: bounded memory and time
 MAX_DECODE_PIXELS = 40_000_000  # refuse to decode more (decompression bombs)
+# Refuse to read larger files: 40 Mpx uncompressed at 4 bytes a pixel, and room for a header.
+# PIL reads every chunk before the pixels (a 3 GB PNG text chunk, say) whole.
+MAX_FILE_BYTES = 4 * MAX_DECODE_PIXELS + 2**20
 
 
 def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -44,11 +50,47 @@ class ImageReadError(ToolkitError):
     """The input cannot be read as an image."""
 
 
+def _check_file(status: os.stat_result) -> None:
+    """Refuse what is not a regular file (a FIFO or device may never end) or is over MAX_FILE_BYTES."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageReadError("cannot read this image: not a regular file")
+    _check_size(status.st_size)
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise ImageReadError(f"cannot read this image: the file is too big ({size / 2**20:,.0f} MB; "
+                             f"limit {MAX_FILE_BYTES / 2**20:,.0f} MB)")
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """A file's bytes, refused before anything is read when it is not a regular file or is
+    over MAX_FILE_BYTES (what is checked is the file opened, not the name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+    except FileNotFoundError:
+        raise ImageReadError(f"file not found: {path}") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read this image: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        _check_file(os.fstat(fd))
+        try:
+            data = fh.read(MAX_FILE_BYTES + 1)  # the file may grow after the check
+        except OSError as exc:
+            raise ImageReadError(f"cannot read this image: {exc.strerror or exc}") from None
+    _check_size(len(data))
+    return data
+
+
 def open_image(source: str | Path | bytes) -> Image.Image:
     """Open an image file (or its bytes) without decoding its pixels: only the header is read,
-    and an image over MAX_DECODE_PIXELS is refused before anything decodes it."""
-    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
-        raise ImageReadError("cannot read this image: not a regular file")  # a FIFO or device may never end
+    and a file over MAX_FILE_BYTES or an image over MAX_DECODE_PIXELS is refused before
+    anything decodes it."""
+    if isinstance(source, bytes):
+        _check_size(len(source))
+    else:
+        with contextlib.suppress(OSError):  # a file that is not there is reported below
+            _check_file(os.stat(source))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size below

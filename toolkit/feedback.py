@@ -7,7 +7,8 @@ nothing about the person or the request. Gradio's flagging was not used: its CSV
 one CSV for all examples, written without a lock shared across processes, and the fields a
 fine-tuning run needs (the 28x28, the probabilities, the model's checksum) would be columns of
 strings; here each example is a file of its own, written atomically, and the cap is checked
-under a lock, so saves from many tabs (or demo processes) lose nothing.
+under a lock, so saves from many tabs (or demo processes) lose nothing. A save is all or
+nothing: when the index line cannot be written (a full disk), the example file is removed again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from PIL import Image
 from toolkit.decode import encode_png, load_image
 from toolkit.errors import ToolkitError
 from toolkit.fileio import DIR_MODE, files_together, write_bytes, write_json
+from toolkit.imagefolder import class_folder
 
 FORMAT, VERSION = "toolkit-feedback", 1
 INDEX = "index.jsonl"
@@ -39,7 +42,8 @@ MAX_EXAMPLES = 10_000
 MAX_BYTES = 500 * 1024 * 1024
 MAX_EXAMPLE_BYTES = 16 * 1024 * 1024  # a drawing of at most 1024x1024 and a 28x28, as PNG in base64
 CONTACT_SHEET = 64  # corrected drawings shown in feedback.png
-HELDOUT_PERCENT = 50  # of examples, chosen by id: an example never moves as the folder grows
+HELDOUT_PERCENT = 50  # of examples, chosen by content: a drawing never moves as the folder grows
+STORE_NAME = re.compile(r"[0-9a-f]{32}\.json")  # the files `save` writes (new_example's ids)
 
 
 @dataclass
@@ -59,6 +63,12 @@ class Example:
     def corrected(self) -> bool:
         return self.label != self.predicted
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of the 28x28 pixels the model saw: the same drawing saved again has the same
+        one (pixels, not PNG bytes: another Pillow may encode the same pixels differently)."""
+        return hashlib.sha256(load_image(self.seen_png).convert("L").tobytes()).hexdigest()
+
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "id": self.id, "label": self.label,
                 "predicted": self.predicted, "probabilities": self.probabilities,
@@ -77,12 +87,15 @@ class Example:
                           base64.b64decode(data["seen_png"], validate=True))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ToolkitError(f"not a feedback example: {str(exc)[:120]}") from None
-        # Labels become folder names on export: only the model's own class names will do.
+        # Labels name folders on export (through class_folder): only the model's own class names will do.
         for field_name in ("label", "predicted"):
             if getattr(example, field_name) not in example.probabilities:
                 raise ToolkitError(f"not a feedback example: its {field_name} is not one of its classes")
-        if any(Path(name).name != name or name in ("", ".", "..") for name in example.probabilities):
-            raise ToolkitError("not a feedback example: a class name is not a plain name")
+        try:
+            for name in example.probabilities:
+                class_folder(name)
+        except ToolkitError as exc:
+            raise ToolkitError(f"not a feedback example: {exc}") from None
         load_image(example.drawing_png)  # refuses what is not an image, or too big to decode
         if load_image(example.seen_png).size != (28, 28):
             raise ToolkitError("not a feedback example: what the model saw is not 28x28")
@@ -106,23 +119,38 @@ class FeedbackStore:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
+    def _usage(self) -> tuple[int, int]:
+        """How many examples this store wrote, and their bytes: regular files named as `save`
+        names them, seen with lstat (a link, a folder or a FIFO named so is not one, and a link
+        to a large file counts nothing)."""
+        count = size = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                try:
+                    if STORE_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                        count, size = count + 1, size + entry.stat(follow_symlinks=False).st_size
+                except OSError:  # removed since the listing
+                    continue
+        return count, size
+
     def save(self, example: Example) -> Path:
-        """Write `example` and add it to the index; refused once the folder is full."""
+        """Write `example` and add it to the index, both or neither; refused once the folder is full."""
         data = json.dumps(example.to_json()).encode()
+        line = json.dumps({"id": example.id, "time": example.time, "label": example.label,
+                           "predicted": example.predicted}) + "\n"
         with self._locked():
-            files = list(self.folder.glob("*.json"))
-            if len(files) >= self.max_examples or sum(f.stat().st_size for f in files) + len(data) > self.max_bytes:
-                raise ToolkitError(f"the feedback folder {self.folder} is full ({len(files):,} examples; limits "
-                                   f"{self.max_examples:,} examples, {self.max_bytes // 2**20} MB): review and "
-                                   "export it (`toolkit feedback`), then move it away")
-            line = json.dumps({"id": example.id, "time": example.time, "label": example.label,
-                               "predicted": example.predicted}) + "\n"
             try:
+                count, size = self._usage()
+                if count >= self.max_examples or size + len(data) > self.max_bytes:
+                    raise ToolkitError(f"the feedback folder {self.folder} is full ({count:,} examples; limits "
+                                       f"{self.max_examples:,} examples, {self.max_bytes // 2**20} MB): review and "
+                                       "export it (`toolkit feedback`), then move it away")
                 path = write_bytes(self.folder / f"{example.id}.json", data)
-                with open(self.folder / INDEX, "a") as index:
-                    index.write(line)
-                    index.flush()
-                    os.fsync(index.fileno())
+                try:
+                    _append_whole(self.folder / INDEX, line.encode())
+                except OSError:
+                    path.unlink()  # no example without its index line: a retry then saves it once
+                    raise
             except OSError as exc:  # a full disk, a read-only folder
                 raise ToolkitError(f"cannot save feedback to {self.folder}: {exc.strerror or exc}") from None
         return path
@@ -153,16 +181,35 @@ class FeedbackStore:
             (self.folder / f"{example_id}.json").unlink()
 
 
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` to the file at `path`, whole or not at all: after a short write (a full
+    disk) the file is cut back to its old length, so no half line is left to spoil the next."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        length = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, length)
+            raise
+    finally:
+        os.close(fd)
+
+
 def new_example(drawing: Image.Image, seen: np.ndarray, label: str, predicted: str,
                 probabilities: dict[str, float], model_sha256: str) -> Example:
     return Example(uuid.uuid4().hex, label, predicted, probabilities, model_sha256,
                    datetime.now(timezone.utc).isoformat(timespec="seconds"), encode_png(drawing), encode_png(seen))
 
 
-def is_heldout(example_id: str, percent: int = HELDOUT_PERCENT) -> bool:
-    """Whether an example belongs to the held-out part: by its id alone, so the split is stable
-    as the folder grows and the same on every machine."""
-    return int(hashlib.sha256(example_id.encode()).hexdigest(), 16) % 100 < percent
+def is_heldout(content_sha256: str, percent: int = HELDOUT_PERCENT) -> bool:
+    """Whether an example belongs to the held-out part, by its content (`Example.content_sha256`)
+    alone: the same drawing saved twice is on one side, the split is stable as the folder grows
+    and the same on every machine."""
+    return int(content_sha256, 16) % 100 < percent
 
 
 def summary(examples: list[Example]) -> dict[str, Any]:
@@ -180,15 +227,22 @@ def summary(examples: list[Example]) -> dict[str, Any]:
 
 def export_image_folder(examples: list[Example], out: str | Path,
                         heldout_percent: int = HELDOUT_PERCENT) -> dict[str, int]:
-    """The drawings as drawn, in torchvision's ImageFolder layout: `OUT/train/<label>/<id>.png`
-    and `OUT/heldout/<label>/<id>.png`, split by id. Returns the count of each part."""
+    """The drawings as drawn, in torchvision's ImageFolder layout: `OUT/train/<class>/<id>.png`
+    and `OUT/heldout/<class>/<id>.png` (<class> is `imagefolder.class_folder` of the label), split
+    by content. An example the model saw exactly as an earlier one with the same label is a
+    duplicate (Save clicked again) and left out. Returns the count of each part and of duplicates."""
     if not 0 <= heldout_percent <= 100:
         raise ToolkitError(f"must be between 0 and 100, got {heldout_percent}", option="heldout_percent")
-    counts = {"train": 0, "heldout": 0}
+    counts, exported = {"train": 0, "heldout": 0, "duplicates": 0}, set()
     try:
         for example in examples:
-            part = "heldout" if is_heldout(example.id, heldout_percent) else "train"
-            folder = Path(out) / part / example.label  # a class name: checked when the example was read
+            content = example.content_sha256
+            if (content, example.label) in exported:
+                counts["duplicates"] += 1
+                continue
+            exported.add((content, example.label))
+            part = "heldout" if is_heldout(content, heldout_percent) else "train"
+            folder = Path(out) / part / class_folder(example.label)  # checked when the example was read
             folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
             write_bytes(folder / f"{example.id}.png", example.drawing_png)
             counts[part] += 1
