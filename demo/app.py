@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from toolkit.app import build_demo  # noqa: F401  (re-exported)
+from toolkit.demo.app import build_demo  # noqa: F401  (re-exported)
 
 
 def main() -> None:
-    from toolkit.cli import main as cli_main
+    from toolkit.cli.main import main as cli_main
 
     sys.argv = [sys.argv[0], "demo", *sys.argv[1:]]
     cli_main()

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from toolkit.batching import DynamicBatcher
+from toolkit.serving.batching import DynamicBatcher
 
 
 class Recorder:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.conftest import FASHION_DIR
-from toolkit.data import load_split, read_idx, shuffled_batches
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
+from toolkit.data.datasets import load_split, read_idx, shuffled_batches
 
 
 def test_mnist_splits_load_whole_into_memory(mnist_dir):

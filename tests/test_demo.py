@@ -17,10 +17,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.conftest import REPO
-from toolkit.app import MAX_BODY, launch
-from toolkit.fileio import sha256_file
-from toolkit.launch import free_port
-from toolkit.locate import EXAMPLES_DIR, example_label
+from toolkit.core.fileio import sha256_file
+from toolkit.core.locate import EXAMPLES_DIR, example_label
+from toolkit.demo.app import MAX_BODY, launch
+from toolkit.serving.launch import free_port
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts"

@@ -22,9 +22,9 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.helpers import cli_in_process
-from toolkit.inference import classify
-from toolkit.runners import onnx_runner
-from toolkit.runtime import Predictor
+from toolkit.runtime.inference import classify
+from toolkit.runtime.predictor import Predictor
+from toolkit.runtime.runners import onnx_runner
 
 DRIBBLE_BYTES = 300  # a slow endpoint's answer: one byte a second, then it gives up
 

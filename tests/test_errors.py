@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import run_cli
 from tests.helpers import UINT8, cli_in_process, foreign_onnx, rewrite_manifest
-from toolkit.locate import EXAMPLES_DIR, example_label
+from toolkit.core.locate import EXAMPLES_DIR, example_label
 
 
 @pytest.fixture(scope="module")

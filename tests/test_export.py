@@ -11,11 +11,11 @@ import torch
 from onnx import numpy_helper
 
 from tests.conftest import run_cli
-from toolkit.checkpoint import load_checkpoint, save_checkpoint
-from toolkit.export import ExportOptions
-from toolkit.fileio import sha256_file
-from toolkit.publish import export_verified, replacing, staged_directory
-from toolkit.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
+from toolkit.core.fileio import sha256_file
+from toolkit.export.publish import export_verified, replacing, staged_directory
+from toolkit.export.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
+from toolkit.export.writers import ExportOptions
+from toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 
 ARTIFACTS = ("model.onnx", "model.ts", "model.pt2", "model.int8.onnx", "model.fp16.onnx", "model.pt",
              "triton/lenet/config.pbtxt", "triton/lenet/labels.txt", "triton/lenet/1/model.onnx")
@@ -88,8 +88,8 @@ def test_batch_size_is_dynamic(export_dir, batch):
 
 
 def test_predictor_runs_big_batches_in_chunks_with_the_same_results(export_dir, mnist_dir):
-    from toolkit.data import load_split
-    from toolkit.runtime import CPU_CHUNK, Predictor
+    from toolkit.data.datasets import load_split
+    from toolkit.runtime.predictor import CPU_CHUNK, Predictor
 
     images = load_split("mnist", mnist_dir, train=False).pixels()[: 3 * CPU_CHUNK + 7].numpy()
     predictor = Predictor(export_dir, provider="cpu")
@@ -254,10 +254,10 @@ def test_out_dot_exports_into_the_folder_it_names_and_others_can_read_it(quick_r
 
 
 def test_every_format_of_the_table_has_a_writer_and_exports_on_its_own(quick_run, tmp_path):
-    """A format is one entry in toolkit/formats.py plus its write_<name> in export.py; each can be
+    """A format is one entry in toolkit/core/formats.py plus its write_<name> in export.py; each can be
     asked for alone, and brings what it is made from."""
-    from toolkit import export
-    from toolkit.formats import ALL, FORMATS, resolve_formats
+    from toolkit.core.formats import ALL, FORMATS, resolve_formats
+    from toolkit.export import writers as export
 
     assert all(callable(getattr(export, fmt.writer, None)) for fmt in FORMATS.values())
     assert [f.name for f in resolve_formats(("all",))] == list(ALL)

@@ -22,13 +22,13 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_manifest
-from toolkit.checkpoint import load_checkpoint
-from toolkit.cli import _caused_by_ctrl_c
-from toolkit.decode import ImageReadError, load_image
-from toolkit.errors import ToolkitError
-from toolkit.launch import free_port
-from toolkit.locate import EXAMPLES_DIR
-from toolkit.preprocess import preprocess
+from toolkit.cli.main import _caused_by_ctrl_c
+from toolkit.core.errors import ToolkitError
+from toolkit.core.locate import EXAMPLES_DIR
+from toolkit.imaging.decode import ImageReadError, load_image
+from toolkit.imaging.preprocess import preprocess
+from toolkit.models.checkpoint import load_checkpoint
+from toolkit.serving.launch import free_port
 
 pytestmark = pytest.mark.faults
 
@@ -258,7 +258,7 @@ def test_tampered_model_is_refused_before_serving(export_dir, tmp_path):
 def test_the_demo_is_local_private_and_serves_no_files_by_default(export_dir):
     import httpx
 
-    from toolkit.app import launch
+    from toolkit.demo.app import launch
 
     demo = launch(export_dir, port=free_port(), provider="cpu", block=False)
     try:
@@ -294,8 +294,8 @@ def manifests(draw, good):
 
 
 def test_fuzzed_manifests_are_served_only_when_they_prove_the_model(export_dir, tmp_path):
-    from toolkit.publish import _check_replaceable
-    from toolkit.runtime import Predictor
+    from toolkit.export.publish import _check_replaceable
+    from toolkit.runtime.predictor import Predictor
 
     target = tmp_path / "export"
     shutil.copytree(export_dir, target, ignore=shutil.ignore_patterns("*.pt2", "*.ts", "triton"))
@@ -344,10 +344,10 @@ FIELDS = ["format_version", "arch", "model_kwargs", "state_dict", "dataset", "cl
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, min_size=1, max_size=3))
 def test_fuzzed_checkpoint_fields_are_refused_in_one_line(tmp_path_factory, odd):
-    from toolkit.checkpoint import build_deployable
-    from toolkit.export import model_metadata
+    from toolkit.export.writers import model_metadata
     from toolkit.models import create_model
-    from toolkit.train import load_resume_state
+    from toolkit.models.checkpoint import build_deployable
+    from toolkit.training.train import load_resume_state
 
     path = tmp_path_factory.mktemp("ck") / "odd.pt"
     good = {"arch": "lenet", "model_kwargs": {}, "state_dict": create_model("lenet").state_dict(),
@@ -370,7 +370,7 @@ def test_fuzzed_checkpoint_fields_are_refused_in_one_line(tmp_path_factory, odd)
        st.sampled_from([FLOAT, DOUBLE]), st.sampled_from([None, 3, 10]))
 def test_fuzzed_onnx_signatures_are_served_only_when_they_keep_the_contract(
         tmp_path_factory, input_name, input_type, input_shape, outputs, output_type, classes):
-    from toolkit.runtime import Predictor
+    from toolkit.runtime.predictor import Predictor
 
     names = None if classes is None else [f"class {i}" for i in range(classes)]
     path = foreign_onnx(tmp_path_factory.mktemp("onnx") / "model.onnx", input_name=input_name,
@@ -437,7 +437,7 @@ def test_a_run_that_diverges_later_stays_resumable_from_its_last_good_epoch(tmp_
 def test_onnx_external_data_is_part_of_the_integrity_check(export_dir, tmp_path):
     import onnx
 
-    from toolkit.runtime import Predictor
+    from toolkit.runtime.predictor import Predictor
 
     target = tmp_path / "export"
     shutil.copytree(export_dir, target)

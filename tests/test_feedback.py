@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
-from toolkit.data import get_dataset
-from toolkit.decode import MAX_FILE_BYTES
-from toolkit.errors import ToolkitError
-from toolkit.feedback import INDEX, FeedbackStore, export_image_folder, is_heldout, new_example
-from toolkit.imagefolder import image_folder_sha256, read_image_folder
+from toolkit.core.errors import ToolkitError
+from toolkit.data.datasets import get_dataset
+from toolkit.data.imagefolder import image_folder_sha256, read_image_folder
+from toolkit.feedback.store import INDEX, FeedbackStore, export_image_folder, is_heldout, new_example
+from toolkit.imaging.decode import MAX_FILE_BYTES
 
 DIGITS = [str(d) for d in range(10)]
 FASHION = list(get_dataset("fashion-mnist").class_names)

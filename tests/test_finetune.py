@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli
-from toolkit.checkpoint import load_checkpoint
-from toolkit.classes import DIGITS
-from toolkit.imagefolder import image_folder_sha256, read_image_folder
-from toolkit.inference import classify
-from toolkit.runtime import Predictor
-from toolkit.styled import STYLES, write_styled_digits
+from toolkit.core.classes import DIGITS
+from toolkit.data.imagefolder import image_folder_sha256, read_image_folder
+from toolkit.data.styled import STYLES, write_styled_digits
+from toolkit.models.checkpoint import load_checkpoint
+from toolkit.runtime.inference import classify
+from toolkit.runtime.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 from toolkit.models import count_parameters, create_model, get_entry, list_models
 
 EXPECTED = {"lenet", "convnet", "cnn3x3", "widecnn", "mlp", "tinycnn", "stridecnn", "fcnet"}

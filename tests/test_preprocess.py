@@ -8,14 +8,14 @@ import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageOps
 
 from tests.conftest import FASHION_DIR, run_cli
-from toolkit.data import load_split
-from toolkit.decode import MAX_FILE_BYTES, ImageReadError, load_image, read_image_file
-from toolkit.errors import ToolkitError
-from toolkit.framing import MNIST_FRAMING, Framing, frame_stroke_width, measure_framing
-from toolkit.inference import classify
-from toolkit.locate import EXAMPLES_DIR
-from toolkit.preprocess import preprocess
-from toolkit.runtime import Predictor
+from toolkit.core.errors import ToolkitError
+from toolkit.core.locate import EXAMPLES_DIR
+from toolkit.data.datasets import load_split
+from toolkit.imaging.decode import MAX_FILE_BYTES, ImageReadError, load_image, read_image_file
+from toolkit.imaging.framing import MNIST_FRAMING, Framing, frame_stroke_width, measure_framing
+from toolkit.imaging.preprocess import preprocess
+from toolkit.runtime.inference import classify
+from toolkit.runtime.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ import pytest
 from gradio_client import Client, handle_file
 
 from tests.conftest import run_cli
-from toolkit.app import launch
-from toolkit.evaluate import load_scoring_model
-from toolkit.fileio import sha256_file
-from toolkit.inference import classify
-from toolkit.launch import free_port, toolkit_server
-from toolkit.promote import promote
-from toolkit.runtime import Predictor, ReloadingPredictor
-from toolkit.styled import write_styled_digits
+from toolkit.core.fileio import sha256_file
+from toolkit.data.styled import write_styled_digits
+from toolkit.demo.app import launch
+from toolkit.feedback.promote import promote
+from toolkit.insight.evaluate import load_scoring_model
+from toolkit.runtime.inference import classify
+from toolkit.runtime.predictor import Predictor, ReloadingPredictor
+from toolkit.serving.launch import free_port, toolkit_server
 
 pytestmark = pytest.mark.slow  # trains and verifies two exports
 
@@ -193,7 +193,7 @@ def test_what_is_served_is_what_was_scored(setting, tmp_path, mnist_dir, monkeyp
             os.replace(other, candidate)
         return model
 
-    monkeypatch.setattr("toolkit.promote.load_scoring_model", load_then_replace_the_candidate)
+    monkeypatch.setattr("toolkit.feedback.promote.load_scoring_model", load_then_replace_the_candidate)
     result = promote(candidate, serving, setting / "heldout", data_dir=mnist_dir, report_dir=tmp_path / "report")
     assert result.promoted, result.reason
     assert _files(serving) == scored
@@ -239,7 +239,7 @@ def test_a_reload_that_fails_is_tried_again_until_the_copy_is_complete(setting, 
     live.CHECK_EVERY_S = 0
     old = live.current
     shutil.copy2(new / "manifest.json", serving / "manifest.json")  # a copy of the new export has begun
-    with caplog.at_level(logging.ERROR, logger="toolkit.runtime"):
+    with caplog.at_level(logging.ERROR, logger="toolkit.runtime.predictor"):
         assert live.current is old and live.current is old  # its model is not there yet
     assert len([r for r in caplog.records if "kept serving the previous model" in r.message]) == 1
     shutil.copytree(new, serving, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))  # it ends

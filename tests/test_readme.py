@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from toolkit.locate import EXAMPLES_DIR
+from toolkit.core.locate import EXAMPLES_DIR
 
 
 @pytest.mark.slow  # trains for tens of seconds

@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import run_cli
-from toolkit.inference import classify
-from toolkit.launch import answers_200, free_port, toolkit_server
-from toolkit.locate import EXAMPLES_DIR
-from toolkit.runtime import Predictor
+from toolkit.core.locate import EXAMPLES_DIR
+from toolkit.runtime.inference import classify
+from toolkit.runtime.predictor import Predictor
+from toolkit.serving.launch import answers_200, free_port, toolkit_server
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 
@@ -462,8 +462,8 @@ def test_refusals_log_no_traceback():
     check = """
 import logging
 from kserve.errors import InvalidInput
-from toolkit.oip import NotOffered
-from toolkit.server import _ExpectedTracebacks
+from toolkit.serving.oip import NotOffered
+from toolkit.serving.server import _ExpectedTracebacks
 
 def record(exc):
     return logging.LogRecord("kserve", logging.ERROR, "x", 1, "Exception:", (), (type(exc), exc, None))

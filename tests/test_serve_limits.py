@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from toolkit.launch import free_port, server_process
+from toolkit.serving.launch import free_port, server_process
 
-# toolkit.server's limits: that module imports KServe, whose protos clash with tritonclient's.
+# toolkit.serving.server's limits: that module imports KServe, whose protos clash with tritonclient's.
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT_S = 10
 

@@ -15,8 +15,8 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_cli
-from toolkit.launch import free_port, toolkit_server
-from toolkit.runtime import Predictor
+from toolkit.runtime.predictor import Predictor
+from toolkit.serving.launch import free_port, toolkit_server
 
 OK = ("toolkit_requests_total", (("model", "lenet"), ("protocol", "rest"), ("status", "200")))
 

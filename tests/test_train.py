@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli
-from toolkit.checkpoint import load_checkpoint, save_checkpoint
-from toolkit.errors import ToolkitError
-from toolkit.train import make_config, train
+from toolkit.core.errors import ToolkitError
+from toolkit.models.checkpoint import load_checkpoint, save_checkpoint
+from toolkit.training.train import make_config, train
 
 
 def test_default_lenet_run_writes_a_trustworthy_run_dir(trained_run):

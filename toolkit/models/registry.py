@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 @dataclass(frozen=True)

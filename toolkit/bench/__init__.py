@@ -1,0 +1,1 @@
+"""Benchmarks: inference, training, per request, and load on `toolkit serve`."""

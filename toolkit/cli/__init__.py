@@ -1,0 +1,1 @@
+"""The `toolkit` command: a thin Typer layer over the library."""

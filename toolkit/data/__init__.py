@@ -1,0 +1,1 @@
+"""Datasets: the registry and IDX reader, augmentation, labelled image folders, styled digits."""

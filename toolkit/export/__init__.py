@@ -1,0 +1,1 @@
+"""Export: the format writers, verified publishing, parity offline and at an endpoint."""

@@ -1,0 +1,1 @@
+"""People's corrections as data, and promotion of a better model."""

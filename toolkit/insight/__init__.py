@@ -1,0 +1,1 @@
+"""Reports: evaluation, inspection of a model, comparisons."""

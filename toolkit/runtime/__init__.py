@@ -1,0 +1,1 @@
+"""Running an export: the onnxruntime predictor, runners for every backend, classify."""

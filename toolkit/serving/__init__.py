@@ -1,0 +1,1 @@
+"""`toolkit serve`: the Open Inference Protocol on KServe's server, batching, workers, launching servers."""

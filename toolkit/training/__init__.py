@@ -1,0 +1,1 @@
+"""Training: the config and its checks, the loop, distributed runs."""
