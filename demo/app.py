@@ -8,7 +8,7 @@ from toolkit.demo.app import build_demo  # noqa: F401  (re-exported)
 
 
 def main() -> None:
-    from toolkit.cli.main import main as cli_main
+    from toolkit.cli import main as cli_main
 
     sys.argv = [sys.argv[0], "demo", *sys.argv[1:]]
     cli_main()

@@ -25,7 +25,7 @@ def cli_in_process(*args: Any) -> subprocess.CompletedProcess:
     """`toolkit ARGS` through the same `main()` as the command, inside the test process: no
     interpreter and torch start-up per call. Warnings are pytest's here, so a test of what a
     library warns on stderr runs the command as a subprocess (`run_cli`)."""
-    from toolkit.cli.main import main
+    from toolkit.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     argv = ["toolkit", *map(str, args)]

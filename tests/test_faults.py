@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.helpers import DOUBLE, FLOAT, UINT8, foreign_onnx, relist, rewrite_manifest
-from toolkit.cli.main import _caused_by_ctrl_c
+from toolkit.cli.app import _caused_by_ctrl_c
 from toolkit.core.errors import ToolkitError
 from toolkit.core.locate import EXAMPLES_DIR
 from toolkit.imaging.decode import ImageReadError, load_image

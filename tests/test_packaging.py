@@ -24,7 +24,7 @@ def test_the_wheel_ships_the_demo_examples_and_the_command(tmp_path):
     assert len(examples) == 10  # one MNIST test digit of each class: the demo's examples, bench's inputs
     assert {f"toolkit/examples/{name}" for name in examples} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "toolkit = toolkit.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "toolkit = toolkit.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_version_names_toolkit_and_the_libraries_it_runs_on():

@@ -122,3 +122,22 @@ def test_library_errors_name_the_setting_and_the_cli_names_its_flag():
         make_config("lenet", batch_size=0)
     assert str(caught.value) == "batch_size must be positive, got 0"
     assert caught.value.for_command_line() == "--batch-size must be positive, got 0"
+
+
+def test_resume_takes_the_command_as_run_with_its_own_settings_repeated(tmp_path, mnist_dir):
+    from tests.helpers import cli_in_process
+
+    args = ("--epochs", "1", "--limit-train", "600", "--batch-size", "100", "--lr", "0.002",
+            "--runs-dir", tmp_path, "--name", "first", "--data-dir", mnist_dir, "--device", "cpu")
+    cut = cli_in_process("train", "lenet", *args, "--scheduler", "none")
+    assert cut.returncode == 0, cut.stderr
+    # People repeat the command they ran and add --resume: the run's own values are accepted...
+    again = cli_in_process("train", "lenet", *args, "--scheduler", "none", "--resume", tmp_path / "first",
+                           "--epochs", "2")
+    assert again.returncode == 0, again.stderr
+    assert load_checkpoint(tmp_path / "first" / "last.pt")["epoch"] == 2
+    # ...and any other value is refused, naming the option, as before.
+    for option, value in (("--lr", "0.003"), ("--name", "other"), ("--runs-dir", tmp_path / "elsewhere"),
+                          ("--scheduler", "step")):
+        refused = cli_in_process("train", "lenet", "--resume", tmp_path / "first", option, value)
+        assert refused.returncode == 1 and f"{option} cannot be changed with --resume" in refused.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -15,10 +14,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
-
-if TYPE_CHECKING:
-    from toolkit.export.verify import ParityReport
 
 LOG_WIDTH = 120  # the widest table (verify's) is 110 columns
 
@@ -70,23 +65,3 @@ def epoch_progress() -> Iterator[Callable[[int, int], Callable[[float, float], N
     finally:
         if progress.live.is_started:  # stopping prints a line when output is not a terminal
             progress.stop()
-
-
-def parity_table(report: ParityReport) -> Table:
-    """The verify report as a table: one row per backend, verdict last."""
-    table = Table(title=f"parity against PyTorch on {report.samples:,} inputs "
-                        f"({report.dataset} test set + {len(report.edge_cases)} edge batches)")
-    for column in ("backend", "artifact", "accuracy", "max abs diff", "max rel diff", "top-1 agree",
-                   "shapes", "verdict"):
-        table.add_column(column, justify="left" if column in ("backend", "artifact") else "right")
-    table.add_row("pytorch (reference)", "model.pt", f"{report.reference_accuracy:.2%}", "-", "-", "-",
-                  "ok", "-")
-    for name, r in report.backends.items():
-        table.add_row(
-            name, r.artifact, f"{r.accuracy:.2%}", f"{r.max_abs_diff:.2e}", f"{r.max_rel_diff:.2e}",
-            f"{r.top1_agreement:.2%}", "ok" if r.shapes_ok else "[red]bad",
-            "[green]pass" if r.passed else "[bold red]FAIL",
-        )
-    table.caption = (f"fp32: |diff| <= {report.atol:g} + {report.rtol:g} x |ref| and 100% top-1 agreement; "
-                     f"int8/fp16: accuracy drop <= {report.max_acc_drop} points")
-    return table

@@ -145,22 +145,68 @@ def _starting_point(arch: str, dataset: str, init_from: str | Path) -> dict[str,
             "init_from_sha256": sha256_file(path)}
 
 
+# Settings a resumed run keeps (besides those of TrainConfig: where the run lives).
+RUN_PLACE = ("runs_dir", "name")
+
+
 def resume_config(run: str | Path, arch: str | None = None, *, epochs: int | None = None,
-                  **fixed: Any) -> TrainConfig:
+                  **given: Any) -> TrainConfig:
     """The config a resumed run continues with: its own, with only `epochs` changed. Another
-    `arch`, or any other setting given (not None), is refused rather than ignored."""
-    _, _, config = load_resume_state(run)
+    `arch`, or a setting given (not None) with a value other than the run's own, is refused
+    rather than ignored; the run's own value is accepted, as people repeat the command they ran
+    and add `resume`."""
+    run_dir, _, config = load_resume_state(run)
     if arch is not None and arch != config.arch:
         raise ToolkitError(f"{run} is a {config.arch} run, not {arch}: "
                            f"resume it with `toolkit train {config.arch} --resume {run}`")
-    given = [name for name, value in fixed.items() if value is not None]
-    if given:
-        raise ToolkitError("cannot be changed with `resume`: the run continues with its own settings (only "
-                           "`epochs`, `device` and `data_dir` apply)", option=given[0])
-    if epochs is not None:
-        config = dataclasses.replace(config, epochs=epochs)
-        config.validate()
+    for name, value in given.items():
+        if value is not None and not _is_own_setting(config, run_dir, name, value):
+            raise ToolkitError("cannot be changed with `resume`: the run continues with its own settings (only "
+                               "`epochs`, `device` and `data_dir` apply)", option=name)
+    return continued_config(config, None if epochs is None else dataclasses.replace(config, epochs=epochs))
+
+
+def continued_config(saved: TrainConfig, config: TrainConfig | None) -> TrainConfig:
+    """The resumed run's config: its own, where `config` may change only `epochs`."""
+    if config is None:
+        return saved
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name != "epochs" and getattr(config, f.name) != getattr(saved, f.name)]
+    if changed:
+        raise ToolkitError(f"a resumed run keeps its own {changed[0]} ({getattr(saved, changed[0])!r}); "
+                           "only the number of epochs can change")
+    if config.epochs != saved.epochs and saved.scheduler == "onecycle":
+        raise ToolkitError(
+            f"this run's OneCycle schedule was fixed for {saved.epochs} epochs; "
+            f"resume without `epochs` or train a new run"
+        )
+    config.validate()
     return config
+
+
+def _is_own_setting(config: TrainConfig, run_dir: Path, name: str, value: Any) -> bool:
+    """Whether `value`, as the command line gives it, is what the run was started with: paths
+    by where they lead, the checkpoint and extra data also by their content now."""
+    from toolkit.core.fileio import sha256_file
+    from toolkit.data.datasets import get_dataset
+    from toolkit.data.imagefolder import image_folder_sha256
+    from toolkit.models.checkpoint import checkpoint_file
+
+    try:
+        if name == "runs_dir":
+            return Path(value).resolve() == run_dir.resolve().parent
+        if name == "name":
+            return value == run_dir.resolve().name
+        if name == "init_from":
+            path = checkpoint_file(value).resolve()
+            return str(path) == config.init_from and sha256_file(path) == config.init_from_sha256
+        if name == "extra_data":
+            names = list(get_dataset(config.dataset).class_names)
+            return (str(Path(value).resolve()) == config.extra_data
+                    and image_folder_sha256(value, names) == config.extra_data_sha256)
+    except (OSError, ToolkitError):  # a path that does not lead where the run's did
+        return False
+    return getattr(config, name) == value
 
 
 def load_resume_state(run_dir: str | Path) -> tuple[Path, dict[str, Any], TrainConfig]:

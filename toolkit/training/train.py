@@ -27,7 +27,7 @@ from toolkit.data.datasets import Split, get_dataset, load_split, shuffled_batch
 from toolkit.imaging.framing import Framing, measure_framing
 from toolkit.models import create_model
 from toolkit.models.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
-from toolkit.training.config import TrainConfig, load_resume_state, make_config
+from toolkit.training.config import TrainConfig, continued_config, load_resume_state, make_config
 from toolkit.training.distributed import Distributed, resolve_device
 
 __all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "evaluate", "make_config", "train", "train_one_epoch"]
@@ -158,7 +158,7 @@ def train(
     resume_checkpoint = None
     if resume is not None:
         run_dir, resume_checkpoint, saved = load_resume_state(resume)
-        config = _continued(saved, config)
+        config = continued_config(saved, config)
     elif config is None:
         raise ToolkitError("train() needs a config (make_config) or a run to resume")
     else:
@@ -191,23 +191,6 @@ def train(
         raise
     finally:
         ddp.close()
-
-
-def _continued(saved: TrainConfig, config: TrainConfig | None) -> TrainConfig:
-    """The resumed run's config: its own, where `config` may change only `epochs`."""
-    if config is None:
-        return saved
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name != "epochs" and getattr(config, f.name) != getattr(saved, f.name)]
-    if changed:
-        raise ToolkitError(f"a resumed run keeps its own {changed[0]} ({getattr(saved, changed[0])!r}); "
-                           "only the number of epochs can change")
-    if config.epochs != saved.epochs and saved.scheduler == "onecycle":
-        raise ToolkitError(
-            f"this run's OneCycle schedule was fixed for {saved.epochs} epochs; "
-            f"resume without `epochs` or train a new run"
-        )
-    return config
 
 
 MAX_NAME_BYTES = 255  # what a folder name may take on common file systems
