@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from toolkit.bench.local import machine, percentile_us
+from toolkit.bench.measure import machine, percentile_us
 from toolkit.core.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
 from toolkit.core.errors import ToolkitError
 from toolkit.imaging.decode import encode_png, load_image
@@ -291,8 +291,9 @@ def bench_oip(export_dir: str | Path, examples: list[Path], *,
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = {**os.environ, BASELINE_MODEL_ENV: str(Path(export_dir) / "model.onnx")}
-            command = ["uvicorn", "toolkit.bench.serving:bare_endpoint", "--factory", "--port", str(port),
-                       "--no-access-log", "--log-level", "warning"]
+            factory = f"{bare_endpoint.__module__}:{bare_endpoint.__qualname__}"  # renames reach it
+            command = ["uvicorn", factory, "--factory", "--port", str(port), "--no-access-log", "--log-level",
+                       "warning"]
             servers[BARE] = (url, stack.enter_context(
                 server_process(command, ready_url=f"{url}/v2/health/ready", env=env)))
         memory_before = {name: rss_mb(process.pid) for name, (_, process) in servers.items()}

@@ -49,7 +49,7 @@ def bench_infer_command(
     json_path: JsonOption = BENCH_DIR / "bench-infer.json",
 ) -> None:
     """Latency p50/p99 and images/s per backend and batch size, with speed-up over PyTorch eager."""
-    from toolkit.bench.local import bench_infer
+    from toolkit.bench.infer import bench_infer
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
@@ -74,7 +74,7 @@ def bench_train_command(
     json_path: JsonOption = BENCH_DIR / "bench-train.json",
 ) -> None:
     """The toolkit's training loop against the classic DataLoader notebook loop, same machine, same run."""
-    from toolkit.bench.local import bench_train
+    from toolkit.bench.training import bench_train
 
     _check_bench_json(json_path)
     result = bench_train(arch, data_dir=data_dir, notebook_batches=notebook_batches, limit_train=limit_train,
@@ -101,7 +101,7 @@ def bench_finetune_command(
 ) -> None:
     """Fine-tune on digits in styles MNIST lacks (hollow, dot-matrix): held-out accuracy and test
     accuracy before and after, and the time it took."""
-    from toolkit.bench.local import bench_finetune
+    from toolkit.bench.training import bench_finetune
 
     _check_bench_json(json_path)
     result = bench_finetune(base or newest_run_checkpoint(runs_dir), data_dir=data_dir, feedback=feedback,
@@ -124,7 +124,7 @@ def bench_classify_command(
     """Server-side time of one demo request (preprocessing + inference) for uploads, sketchpad
     canvases and large photos, in this process: what the demo reports as latency.
     """
-    from toolkit.bench.local import bench_classify
+    from toolkit.bench.demo import bench_classify
 
     _check_bench_json(json_path)
     with console.status("benchmarking..."):
@@ -182,7 +182,7 @@ def bench_serve_command(
         _bench_oip(export_dir, _positive_counts(clients or "1,16,64", "clients"), requests or 2000, malformed_every,
                    tuple(kinds.split(",")), batching, _positive_counts(workers, "workers"), baseline, rounds, json_path)
         return
-    from toolkit.bench.local import bench_serve
+    from toolkit.bench.demo import bench_serve
 
     counts = _positive_counts(clients or "16", "clients")
     if len(counts) != 1:

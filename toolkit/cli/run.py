@@ -17,8 +17,8 @@ from toolkit.cli.options import (
     ProviderOption,
     ThreadsOption,
 )
+from toolkit.core.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 from toolkit.core.locate import newest_export_dir
-from toolkit.serving.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 
 
 def predict(

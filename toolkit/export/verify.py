@@ -17,7 +17,6 @@ import numpy as np
 from toolkit.core.contract import OUTPUT_NAMES
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fileio import write_json
-from toolkit.core.formats import FORMATS
 from toolkit.core.manifest import (
     MANIFEST,
     PARITY,
@@ -29,8 +28,8 @@ from toolkit.core.manifest import (
 )
 from toolkit.data.datasets import load_split
 from toolkit.models.checkpoint import build_deployable, load_checkpoint
-from toolkit.runtime.predictor import cuda_provider_usable
-from toolkit.runtime.runners import TORCH_LOADERS, Runner, onnx_runner, torch_runner
+from toolkit.runtime.backends import export_backends
+from toolkit.runtime.runners import Runner, torch_runner
 
 DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_MAX_ACC_DROP = 1e-5, 1e-4, 0.3
 EVAL_BATCH = 500
@@ -128,25 +127,6 @@ def edge_inputs() -> tuple[list[str], list[np.ndarray]]:
     return list(cases), [c.astype(np.float32) for c in cases.values()]
 
 
-def discover_backends(export_dir: Path) -> dict[str, tuple[str, str, Callable[[], Runner]]]:
-    """name -> (artifact, kind, factory) for every runnable format present in the export dir:
-    torch formats once, onnxruntime ones on every provider usable here."""
-    found: dict[str, tuple[str, str, Callable[[], Runner]]] = {}
-    providers = ["cpu"] + (["cuda"] if cuda_provider_usable() else [])
-    for fmt in FORMATS.values():
-        path = export_dir / fmt.artifact
-        if fmt.runtime is None or not path.is_file():
-            continue
-        if fmt.runtime == "torch":
-            found[fmt.backend_name()] = (fmt.artifact, fmt.kind, lambda f=fmt, p=path: torch_runner(
-                TORCH_LOADERS[f.name](p)))
-            continue
-        for provider in providers:
-            found[fmt.backend_name(provider)] = (fmt.artifact, fmt.kind, lambda p=path, on=provider: onnx_runner(
-                p, on))
-    return found
-
-
 def integrity_problems(export_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """artifact -> what is wrong, for every listed file that is missing or changed, every ONNX
     external-data file not listed, and every file the manifest does not list."""
@@ -240,10 +220,11 @@ def verify_export(
     report = reference.report(atol, rtol, max_acc_drop)
     report.integrity = integrity_problems(export_dir, manifest)
     report.artifacts = {name: entry["sha256"] for name, entry in manifest["artifacts"].items()}
-    for name, (artifact, kind, factory) in discover_backends(export_dir).items():
+    for backend in export_backends(export_dir):
         if progress:
-            progress(name)
-        report.backends[name] = reference.compare(artifact, kind, factory(), report)
+            progress(backend.name)
+        report.backends[backend.name] = reference.compare(backend.format.artifact, backend.format.kind,
+                                                          backend.runner(), report)
     if not report.backends:
         raise ToolkitError(f"{export_dir} holds no exported model to verify (model.onnx, model.ts, ...)")
     report.passed = all(r.passed for r in report.backends.values()) and not report.integrity

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from toolkit import library_versions
-from toolkit.core.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES, serving_name
+from toolkit.core.contract import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_DELAY_MS,
+    IMAGE_SHAPE,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    serving_name,
+)
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
 from toolkit.core.formats import FORMATS, Format, resolve_formats
@@ -36,7 +43,6 @@ from toolkit.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from toolkit.serving.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
 
 MIN_OPSET, MAX_OPSET = 18, 23
 CALIBRATION_IMAGES = 500

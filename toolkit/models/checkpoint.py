@@ -6,7 +6,6 @@ Checkpoints are plain dicts of tensors and primitives, so they load with
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import pickle
@@ -14,19 +13,14 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from toolkit import library_versions
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fileio import write_bytes
 from toolkit.models import create_model
-
-if TYPE_CHECKING:
-    from toolkit.imaging.framing import Framing
-    from toolkit.training.config import TrainConfig
 
 FORMAT = "toolkit-checkpoint"
 FORMAT_VERSION = 1
@@ -38,31 +32,6 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
     return write_bytes(path, buffer.getvalue())
-
-
-def checkpoint_payload(
-    config: TrainConfig, model: nn.Module, epoch: int, history: list[dict[str, Any]],
-    class_names: tuple[str, ...], framing: Framing,
-) -> dict[str, Any]:
-    """A training run's checkpoint after `epoch`: everything `REQUIRED_KEYS` asks, and more."""
-    return {
-        "arch": config.arch,
-        "model_kwargs": dict(config.model_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "dataset": config.dataset,
-        "class_names": list(class_names),
-        "normalization": {"mean": config.mean, "std": config.std},
-        "framing": framing.to_dict(),  # how preprocessing must frame new images for this model
-        "input_shape": [1, 28, 28],
-        "epoch": epoch,
-        "metrics": {
-            "history": history,
-            "test_acc": history[-1]["test_acc"],
-            "best_test_acc": max(h["test_acc"] for h in history),
-        },
-        "config": dataclasses.asdict(config),
-        "versions": library_versions("torchvision"),
-    }
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -1,1 +1,1 @@
-"""Running an export: the onnxruntime predictor, runners for every backend, classify."""
+"""Running an export: the onnxruntime predictor, the one backend factory and its runners, classify."""

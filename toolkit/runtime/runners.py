@@ -1,10 +1,10 @@
 """The one protocol every backend is run through: a `Runner` takes float32 pixels [N, 1, 28, 28]
 in [0, 1] and answers (logits, probabilities) [N, classes] as numpy arrays. verify compares
-runners, evaluate scores one, bench times them; `runtime.Predictor.run` is the served one."""
+runners (one per backend, from `runtime.backends`), evaluate scores one; `runtime.Predictor.run`
+is the served one."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,19 +37,3 @@ def onnx_runner(path: Path, provider: str) -> Runner:
         logits, probs = session.run(None, {INPUT_NAME: batch})
         return np.asarray(logits, dtype=np.float32), np.asarray(probs, dtype=np.float32)
     return run
-
-
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; see docs
-        return torch.jit.load(str(path))
-
-
-def load_program(path: Path) -> torch.nn.Module:
-    return torch.export.load(str(path)).module()
-
-
-# How each torch format of the table loads (formats.py stays free of torch).
-TORCH_LOADERS: dict[str, Callable[[Path], Callable[[torch.Tensor], Any]]] = {
-    "torchscript": load_torchscript, "torch-export": load_program,
-}

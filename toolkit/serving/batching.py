@@ -17,12 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Defaults of `toolkit serve` and the exported Triton repository. No delay: requests that arrive
-# while a run computes queue up and share the next run, so batches grow with load by themselves,
-# and a lone request never waits for company (with LeNet a 2 ms delay halved 1-client throughput,
-# docs/benchmarks.md). A delay pays only where one run costs much more than a request's overhead.
-DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS = 64, 0.0
-
 BatchRun = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 

@@ -35,10 +35,10 @@ from grpc_interceptor import AsyncServerInterceptor
 from starlette.requests import Request  # at module level: FastAPI resolves handlers' annotations here
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from toolkit.core.contract import image_model_name, serving_name
+from toolkit.core.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, image_model_name, serving_name
 from toolkit.core.errors import ToolkitError
 from toolkit.runtime.predictor import ReloadingPredictor
-from toolkit.serving.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, DynamicBatcher
+from toolkit.serving.batching import DynamicBatcher
 from toolkit.serving.eventloop import event_loop_runner
 from toolkit.serving.oip import (
     BinaryKeepingDataPlane,

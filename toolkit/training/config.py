@@ -1,6 +1,8 @@
 """What defines a training run: `TrainConfig`, built from a model's recipe (`make_config`) or
 from a run being resumed (`resume_config`). Importing it is cheap (torch loads when a config is
-made or checked), so the CLI builds its choices from the tuples here."""
+made or checked), so the CLI builds its choices from the tuples here: the modules that load torch
+or PIL (the model zoo, datasets, image folders, checkpoints) are imported inside the functions
+that use them, to keep `import toolkit.cli` fast."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.core.errors import ToolkitError
+from toolkit.core.fileio import sha256_file
 
 if TYPE_CHECKING:
     from toolkit.models import Recipe
@@ -112,11 +115,8 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", *,
         config = dataclasses.replace(config, **_starting_point(arch, dataset, init_from), **FINETUNE_RECIPE,
                                      recipe="finetune")
     if extra_data is not None:
-        from toolkit.data.imagefolder import image_folder_sha256
-
-        names = list(get_dataset(config.dataset).class_names)
         config = dataclasses.replace(config, extra_data=str(Path(extra_data).resolve()),
-                                     extra_data_sha256=image_folder_sha256(extra_data, names))
+                                     extra_data_sha256=_extra_data_sha256(extra_data, config.dataset))
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if overrides.get("momentum") is not None and config.optimizer != "sgd":
         raise ToolkitError(f"applies to `optimizer` sgd only, this run uses {config.optimizer}",
@@ -129,7 +129,6 @@ def make_config(arch: str, recipe: str = "default", dataset: str = "mnist", *,
 
 def _starting_point(arch: str, dataset: str, init_from: str | Path) -> dict[str, Any]:
     """What a fine-tuning config takes from the checkpoint it starts from."""
-    from toolkit.core.fileio import sha256_file
     from toolkit.models.checkpoint import checkpoint_file, load_checkpoint
 
     path = checkpoint_file(init_from)
@@ -143,6 +142,14 @@ def _starting_point(arch: str, dataset: str, init_from: str | Path) -> dict[str,
     return {"mean": normalization["mean"], "std": normalization["std"],
             "model_kwargs": dict(checkpoint["model_kwargs"]), "init_from": str(path.resolve()),
             "init_from_sha256": sha256_file(path)}
+
+
+def _extra_data_sha256(folder: str | Path, dataset: str) -> str:
+    """The fingerprint of the labelled images in `folder` for training on `dataset`."""
+    from toolkit.data.datasets import get_dataset
+    from toolkit.data.imagefolder import image_folder_sha256
+
+    return image_folder_sha256(folder, list(get_dataset(dataset).class_names))
 
 
 # Settings a resumed run keeps (besides those of TrainConfig: where the run lives).
@@ -187,9 +194,6 @@ def continued_config(saved: TrainConfig, config: TrainConfig | None) -> TrainCon
 def _is_own_setting(config: TrainConfig, run_dir: Path, name: str, value: Any) -> bool:
     """Whether `value`, as the command line gives it, is what the run was started with: paths
     by where they lead, the checkpoint and extra data also by their content now."""
-    from toolkit.core.fileio import sha256_file
-    from toolkit.data.datasets import get_dataset
-    from toolkit.data.imagefolder import image_folder_sha256
     from toolkit.models.checkpoint import checkpoint_file
 
     try:
@@ -201,9 +205,8 @@ def _is_own_setting(config: TrainConfig, run_dir: Path, name: str, value: Any) -
             path = checkpoint_file(value).resolve()
             return str(path) == config.init_from and sha256_file(path) == config.init_from_sha256
         if name == "extra_data":
-            names = list(get_dataset(config.dataset).class_names)
             return (str(Path(value).resolve()) == config.extra_data
-                    and image_folder_sha256(value, names) == config.extra_data_sha256)
+                    and _extra_data_sha256(value, config.dataset) == config.extra_data_sha256)
     except (OSError, ToolkitError):  # a path that does not lead where the run's did
         return False
     return getattr(config, name) == value

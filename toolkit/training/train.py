@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit import library_versions
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fileio import sha256_file, write_json
 from toolkit.data.augment import random_affine_elastic
 from toolkit.data.datasets import Split, get_dataset, load_split, shuffled_batches
 from toolkit.imaging.framing import Framing, measure_framing
 from toolkit.models import create_model
-from toolkit.models.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.training.config import TrainConfig, continued_config, load_resume_state, make_config
 from toolkit.training.distributed import Distributed, resolve_device
 
@@ -293,6 +294,31 @@ def _initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
         raise InputsChanged(f"{config.init_from} changed since this run was configured (its sha256 differs); "
                             "train a new run from it")
     return load_checkpoint(config.init_from)["state_dict"]
+
+
+def checkpoint_payload(
+    config: TrainConfig, model: nn.Module, epoch: int, history: list[dict[str, Any]],
+    class_names: tuple[str, ...], framing: Framing,
+) -> dict[str, Any]:
+    """A training run's checkpoint after `epoch`: everything `models.checkpoint.REQUIRED_KEYS` asks, and more."""
+    return {
+        "arch": config.arch,
+        "model_kwargs": dict(config.model_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "dataset": config.dataset,
+        "class_names": list(class_names),
+        "normalization": {"mean": config.mean, "std": config.std},
+        "framing": framing.to_dict(),  # how preprocessing must frame new images for this model
+        "input_shape": [1, 28, 28],
+        "epoch": epoch,
+        "metrics": {
+            "history": history,
+            "test_acc": history[-1]["test_acc"],
+            "best_test_acc": max(h["test_acc"] for h in history),
+        },
+        "config": dataclasses.asdict(config),
+        "versions": library_versions("torchvision"),
+    }
 
 
 def _run(
