@@ -25,9 +25,9 @@ lint: install
 # The whole suite: what CI runs.
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 
 # The inner loop: no slow, browser or fault tests.
 test-fast: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -m "not slow and not browser and not faults"
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not browser and not faults"

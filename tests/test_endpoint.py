@@ -297,3 +297,22 @@ def test_a_slow_endpoint_meets_the_deadline(quick_export, tmp_path, send):
                          "--deadline", "3", timeout=DRIBBLE_BYTES / 2)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert "did not finish answering an infer request to lenet within the 3 s" in result.stderr
+
+
+def _send_hostile_error(handler: BaseHTTPRequestHandler, model: str, outputs: dict[str, np.ndarray]) -> None:
+    """A refusal whose text would clear the screen, break rich's markup and scroll for pages."""
+    body = json.dumps({"error": "bad\n[/]\x1b[2J\x1b[31mred\r\n" + "x" * (3 << 20)}).encode()
+    handler.send_response(400)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def test_what_an_endpoint_says_is_quoted_as_one_printable_line(quick_export, tmp_path):
+    with FakeEndpoint(quick_export, send=_send_hostile_error).serving() as url:
+        result = verify(quick_export, url, tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "refused an infer request to lenet: HTTP 400: bad [/]\\x1b[2J" in line
+    assert "\x1b" not in line and len(line) < 2200 and line.endswith("more characters)")

@@ -210,6 +210,25 @@ def test_fashion_mnist_class_names_are_mapped_to_folders_and_back(tmp_path):
     assert review.returncode == 0 and "left out" not in review.stderr, review.stderr
 
 
+def test_class_names_no_file_can_carry_still_get_folders_of_their_own(tmp_path):
+    """A foreign model's metadata may name a class "" or in 29 CJK characters (87 bytes, 261
+    once percent-encoded): its corrections are kept, reviewed, exported and read back too."""
+    classes = ["", "\u6f22" * 29, "\u6f22" * 28 + "\u5b57", "plain", *(str(d) for d in range(6))]
+    folder = tmp_path / "fb"
+    store = FeedbackStore(folder)
+    for i, name in enumerate(classes):
+        store.save(_example(name, classes[(i + 1) % len(classes)], i, classes))
+    examples, problems = store.examples()
+    assert problems == [] and len(examples) == len(classes)
+    export_image_folder(examples, tmp_path / "out", heldout_percent=0)
+    folders = [p.name for p in (tmp_path / "out" / "train").iterdir()]
+    assert len(set(folders)) == len(classes) and all(len(f.encode()) <= 255 for f in folders)
+    images = read_image_folder(tmp_path / "out" / "train", classes)
+    assert images.problems == [] and len(images) == len(classes)
+    by_id = {e.id: e.label for e in examples}
+    assert [classes[label] for label in images.labels] == [by_id[f.stem] for f in images.files]
+
+
 def test_image_folder_files_over_the_size_cap_are_left_out_unread(tmp_path):
     root = tmp_path / "images"
     (root / "3").mkdir(parents=True)

@@ -1,7 +1,10 @@
+import contextlib
 import io
 import json
 import os
+import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +154,45 @@ def test_truncated_png_and_decompression_bomb(tmp_path):
     Image.new("1", (12_000, 12_000), 1).save(bomb, format="PNG")  # a few KB on disk
     with pytest.raises(ImageReadError, match="too large"):
         load_image(bomb.getvalue())
+
+
+BROKEN_IMAGES = Path(__file__).parent / "fixtures" / "broken-images"
+
+
+def _mutated_images(count: int, seed: int = 1):
+    """Images in every format Pillow writes here, each with a few bytes changed: what a bounded
+    mutation fuzz of the decoders feeds them (deterministic for a seed)."""
+    rng = random.Random(seed)
+    picture = Image.fromarray((np.random.default_rng(0).random((20, 24)) * 255).astype(np.uint8))
+    seeds = {}
+    for fmt in ("BMP", "GIF", "ICO", "IM", "MSP", "PCX", "PNG", "PPM", "SGI", "TGA", "TIFF", "WEBP", "XBM",
+                "DDS", "JPEG", "QOI", "SPIDER", "PALM", "BLP"):
+        mode = "1" if fmt in ("XBM", "MSP", "PALM") else "RGB" if fmt in ("DDS", "BLP") else "L"
+        buffer = io.BytesIO()
+        with contextlib.suppress(Exception):  # a format this Pillow cannot write is left out
+            picture.convert(mode).save(buffer, fmt)
+            seeds[fmt] = buffer.getvalue()
+    for _ in range(count):
+        data = bytearray(seeds[rng.choice(sorted(seeds))])
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        yield bytes(data)
+
+
+def test_broken_files_of_every_format_are_one_clear_error(tmp_path, quick_export):
+    """Pillow's decoders raise whatever their parsers meet (KeyError, TypeError, StopIteration,
+    NotImplementedError...): each is `cannot read this image`, never a traceback."""
+    broken = sorted(BROKEN_IMAGES.glob("*.bin"))
+    assert len(broken) >= 4
+    for data in [path.read_bytes() for path in broken] + list(_mutated_images(1500)):
+        try:
+            preprocess(data)
+        except ImageReadError as exc:
+            assert str(exc).startswith("cannot read this image"), exc
+    result = run_cli("predict", *broken, "--model", quick_export, "--json")
+    answers = json.loads(result.stdout)
+    assert result.returncode == 1 and all(a["error"].startswith("cannot read this image") for a in answers)
+    assert "Traceback" not in result.stderr
 
 
 def test_files_over_the_size_cap_are_refused_before_they_are_read(tmp_path, quick_export):

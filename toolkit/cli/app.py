@@ -8,6 +8,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from toolkit.cli import bench, export, feedback, insight, run, train
 from toolkit.cli.console import err_console
@@ -101,6 +102,20 @@ def _caused_by_ctrl_c(exc: BaseException | None) -> bool:
     return False
 
 
+MAX_MESSAGE_CHARS = 2000  # an error is one line a person reads, whatever a file or a server put in it
+
+
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True,
+                      markup=True)
     sys.exit(code)
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line of at most MAX_MESSAGE_CHARS: messages quote what servers,
+    files and models say, and none of that may move the cursor, clear the screen or scroll away
+    the rest of the error."""
+    printable = "".join(c if c.isprintable() else (" " if c in "\t\r\n" else repr(c)[1:-1]) for c in text)
+    if len(printable) <= MAX_MESSAGE_CHARS:
+        return printable
+    return f"{printable[:MAX_MESSAGE_CHARS]}... ({len(printable) - MAX_MESSAGE_CHARS:,} more characters)"

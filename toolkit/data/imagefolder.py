@@ -3,7 +3,8 @@ as the 28x28 inputs a model trains and is evaluated on: each image framed by the
 preprocessing, so what is learned from a drawing is what the demo shows the model.
 
 A class whose name is not a plain file name (Fashion-MNIST's `T-shirt/top`) has a folder named
-by percent-encoding it (`T-shirt%2Ftop`, see `class_folder`): one folder per class, mapped back
+by percent-encoding it (`T-shirt%2Ftop`, see `class_folder`; an empty or very long name by a
+prefix and a digest): one folder per class, mapped back
 to the class exactly. Unreadable files, files over `decode.MAX_FILE_BYTES` (refused before they
 are read), images with nothing to classify and folders that name no class are reported (one line
 each) and left out; they never stop the rest.
@@ -11,7 +12,6 @@ each) and left out; they never stop the rest.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,23 +46,30 @@ class LabelledImages:
         return (self.pixels.astype(np.float32) / 255)[:, None]
 
 
+MAX_FOLDER_BYTES = 255  # a file name on common file systems
+
+
 def class_folder(name: str) -> str:
     """The folder name of class `name`: the name itself when it is a plain file name, else
-    percent-encoded (`T-shirt/top` is `T-shirt%2Ftop`; a leading dot too, so no class hides).
-    Distinct names give distinct folders, and `urllib.parse.unquote` gives the name back."""
+    percent-encoded (`T-shirt/top` is `T-shirt%2Ftop`; a leading dot too, so no class hides), so
+    that `urllib.parse.unquote` gives the name back. An empty name, or one over 255 bytes once
+    encoded, is a readable prefix, `%~` (never in an encoding) and a digest of the name.
+    Distinct names always give distinct folders; folders are read back by the class names."""
     folder = quote(name, safe=" ")
     folder = "%2E" + folder[1:] if folder.startswith(".") else folder
-    if not name or len(folder.encode()) > 255:
-        raise ToolkitError(f"the class name {name[:80]!r} cannot name a folder (empty, or over 255 bytes encoded)")
-    return folder
+    if name and len(folder.encode()) <= MAX_FOLDER_BYTES:
+        return folder
+    prefix = folder[:200]
+    if "%" in prefix[-2:]:  # not half an escape
+        prefix = prefix[:prefix.rindex("%")]
+    return f"{prefix}%~{hashlib.sha256(name.encode()).hexdigest()[:32]}"
 
 
 def _class_labels(class_names: list[str]) -> dict[str, int]:
-    """Each class folder's name and its class's index (a class no folder can name has none)."""
+    """Each class folder's name and its class's index (the first, for a name given twice)."""
     labels = {}
     for label, name in enumerate(class_names):
-        with contextlib.suppress(ToolkitError):
-            labels.setdefault(class_folder(name), label)
+        labels.setdefault(class_folder(name), label)
     return labels
 
 

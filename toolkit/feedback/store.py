@@ -91,11 +91,6 @@ class Example:
         for field_name in ("label", "predicted"):
             if getattr(example, field_name) not in example.probabilities:
                 raise ToolkitError(f"not a feedback example: its {field_name} is not one of its classes")
-        try:
-            for name in example.probabilities:
-                class_folder(name)
-        except ToolkitError as exc:
-            raise ToolkitError(f"not a feedback example: {exc}") from None
         load_image(example.drawing_png)  # refuses what is not an image, or too big to decode
         if load_image(example.seen_png).size != (28, 28):
             raise ToolkitError("not a feedback example: what the model saw is not 28x28")

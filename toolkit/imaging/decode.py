@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, ImageSequence
 
 from toolkit.core.errors import ToolkitError
 from toolkit.imaging.framing import FRAME
@@ -99,7 +99,7 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         raise ImageReadError(f"file not found: {source}") from exc
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"cannot read this image: it is too large ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Exception as exc:
         raise ImageReadError("cannot read this image: not a supported image file") from exc
     width, height = image.size
     if width * height > MAX_DECODE_PIXELS:
@@ -121,6 +121,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
             image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, with a rotation tag
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read this image: {exc}") from exc
+    except Exception as exc:
+        raise ImageReadError("cannot read this image: a broken or unsupported image file") from exc
     return image
 
 
