@@ -97,11 +97,11 @@ def test_a_resumed_fine_tuning_refuses_extra_data_that_changed(quick_run, styled
     assert refused.returncode == 1 and "--extra-data cannot be changed with --resume" in refused.stderr
 
 
-@pytest.mark.slow  # two epochs over MNIST
+@pytest.mark.slow  # fine-tunes for two epochs
 def test_bench_finetune_reports_before_and_after(quick_run, tmp_path, mnist_dir):
     out = tmp_path / "finetune.json"
     result = run_cli("bench", "finetune", quick_run, "--feedback", "20", "--heldout", "20", "--data-dir", mnist_dir,
-                     "--json", out)
+                     "--limit-train", "3000", "--json", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     for when in ("before", "after"):
@@ -109,3 +109,4 @@ def test_bench_finetune_reports_before_and_after(quick_run, tmp_path, mnist_dir)
     assert data["heldout_gain_points"] == pytest.approx(100 * (data["after"]["heldout_acc"]
                                                               - data["before"]["heldout_acc"]))
     assert data["seconds"] > 0 and data["feedback"] == 20 and "not made from MNIST" in data["styles"]
+    assert data["limit_train"] == 3000

@@ -88,11 +88,12 @@ def bench_train(
 
 def bench_finetune(
     base: str | Path, *, data_dir: str | Path | None = None, feedback: int = 200, heldout: int = 200,
-    extra_weight: int = 20, seed: int = 0, log: Callable[[str], None] = print,
+    extra_weight: int = 20, seed: int = 0, limit_train: int | None = None, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """What fine-tuning on corrections buys: `feedback` digits in styles MNIST lacks
     (`toolkit.data.styled`) train `base` further, `heldout` others (another seed) score it before and
-    after, with the dataset's test accuracy before and after and the time the run took."""
+    after, with the dataset's test accuracy before and after and the time the run took.
+    `limit_train`: fine-tune on the first N dataset images only (smoke runs)."""
     if feedback <= 0 or heldout <= 0:
         raise ToolkitError("`feedback` and `heldout` must be positive")
     base = checkpoint_file(base)
@@ -102,7 +103,8 @@ def bench_finetune(
         write_styled_digits(folders["heldout"], heldout, seed=2 * seed + 2)
         trained = load_checkpoint(base)
         config = make_config(trained["arch"], dataset=trained["dataset"], init_from=base,
-                             extra_data=folders["feedback"], extra_weight=extra_weight, seed=seed)
+                             extra_data=folders["feedback"], extra_weight=extra_weight, seed=seed,
+                             limit_train=limit_train)
 
         def scores(model: Path) -> dict[str, float]:
             reports = Path(work, "reports", model.parent.name)
@@ -120,7 +122,8 @@ def bench_finetune(
     return {
         "kind": "finetune", "machine": machine(), "base": str(base), "arch": config.arch, "feedback": feedback,
         "heldout": heldout, "styles": "hollow and dot-matrix digits (toolkit.data.styled), not made from MNIST",
-        "extra_weight": extra_weight, "epochs": config.epochs, "lr": config.lr, "seconds": seconds,
+        "extra_weight": extra_weight, "limit_train": limit_train, "epochs": config.epochs, "lr": config.lr,
+        "seconds": seconds,
         "train_seconds": result.train_seconds, "before": before, "after": after,
         "heldout_gain_points": 100 * (after["heldout_acc"] - before["heldout_acc"]),
         "test_drop_points": 100 * (before["test_acc"] - after["test_acc"]),

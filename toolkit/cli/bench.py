@@ -97,6 +97,7 @@ def bench_finetune_command(
     heldout: Annotated[int, typer.Option(help="Other styled digits to score on.")] = 200,
     extra_weight: Annotated[int, typer.Option(help="Times each feedback digit is seen per epoch.")] = 20,
     runs_dir: RunsDirOption = Path("runs"),
+    limit_train: Annotated[int | None, typer.Option(help="Fine-tune on the first N images only (smoke runs).")] = None,
     json_path: JsonOption = BENCH_DIR / "bench-finetune.json",
 ) -> None:
     """Fine-tune on digits in styles MNIST lacks (hollow, dot-matrix): held-out accuracy and test
@@ -105,7 +106,8 @@ def bench_finetune_command(
 
     _check_bench_json(json_path)
     result = bench_finetune(base or newest_run_checkpoint(runs_dir), data_dir=data_dir, feedback=feedback,
-                            heldout=heldout, extra_weight=extra_weight, log=console.print)
+                            heldout=heldout, extra_weight=extra_weight, limit_train=limit_train,
+                            log=console.print)
     before, after = result["before"], result["after"]
     console.print(f"held-out styled digits: {before['heldout_acc']:.2%} -> {after['heldout_acc']:.2%} "
                   f"({result['heldout_gain_points']:+.1f} points); test set: {before['test_acc']:.2%} -> "
