@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from tests.conftest import run_cli
+from toolkit.core.export_dir import Export
 from toolkit.core.fileio import sha256_file
 from toolkit.export.publish import export_verified, replacing, staged_directory
 from toolkit.export.verify import ArtifactIntegrityError, ParityError, ToleranceError, verify_export
@@ -239,6 +240,20 @@ def test_failed_checks_raise_typed_errors_that_carry_the_report(export_dir, trai
     with pytest.raises(ArtifactIntegrityError):
         report.raise_for_failure()
     assert json.loads((tampered / "parity.json").read_text())["parity_version"] == 2
+
+
+def test_verify_export_keeps_the_manifest_parity_in_step(quick_run, tmp_path, mnist_dir):
+    """A library caller of `verify_export` gets parity.json and the manifest's summary of it
+    together, whether the check passes or fails: never a new report beside a stale manifest."""
+    export = tmp_path / "lenet"
+    export_verified(quick_run / "best.pt", export, ExportOptions(data_dir=mnist_dir), verify=False)
+    for atol, rtol in ((0.0, 0.0), (1e-5, 1e-4)):
+        report = verify_export(export, data_dir=mnist_dir, atol=atol, rtol=rtol)
+        parity = json.loads((export / "manifest.json").read_text())["parity"]
+        assert parity["report_sha256"] == sha256_file(export / "parity.json")
+        assert (parity["passed"], parity["atol"], parity["rtol"]) == (report.passed, atol, rtol)
+    manifest = Export(export).manifest()
+    assert report.passed and Export(export).parity_problem(manifest) is None  # what promote's gate reads
 
 
 def test_out_dot_exports_into_the_folder_it_names_and_others_can_read_it(quick_run, tmp_path):

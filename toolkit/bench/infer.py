@@ -16,6 +16,7 @@ import torch
 
 from toolkit.bench.measure import TimedCall, machine, percentile_us, time_call
 from toolkit.core.errors import ToolkitError
+from toolkit.core.export_dir import Export
 from toolkit.models.checkpoint import build_deployable, load_checkpoint
 from toolkit.runtime.backends import export_backends
 from toolkit.runtime.predictor import Predictor, check_threads, create_session
@@ -75,7 +76,7 @@ def _inference_backends(export_dir: Path, threads: int) -> dict[str, Loader]:
         return loader
 
     def reference() -> torch.nn.Module:
-        return build_deployable(load_checkpoint(export_dir / "model.pt"))
+        return build_deployable(load_checkpoint(Export(export_dir).reference))
 
     backends = {"pytorch-eager": torch_backend(reference)}
     for backend in export_backends(export_dir):
@@ -101,9 +102,9 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     up or slows down mid-run affects every backend alike; the speed-up over eager is the median
     of the per-round ratios.
     """
-    export_dir = Path(export_dir)
-    if not (export_dir / "model.pt").is_file():
-        raise ToolkitError(f"{export_dir} is not an export dir (no model.pt); run `toolkit export` first")
+    export = Export(export_dir)
+    if not export.reference.is_file():
+        raise ToolkitError(f"{export} is not an export dir (no model.pt); run `toolkit export` first")
     if not batch_sizes or any(not 1 <= b <= MAX_BATCH for b in batch_sizes):
         raise ToolkitError(f"batch sizes must be positive and at most {MAX_BATCH}, got {batch_sizes}")
     check_threads(threads)
@@ -114,7 +115,7 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 1, 28, 28), dtype=np.float32) for size in batch_sizes}
-    loaders = _inference_backends(export_dir, threads)
+    loaders = _inference_backends(export.path, threads)
     names = list(loaders)
     times: dict[tuple[str, int], list[float]] = {(name, size): [] for name in names for size in batch_sizes}
     round_p50: dict[tuple[str, int], list[float]] = {key: [] for key in times}
@@ -138,5 +139,5 @@ def bench_infer(export_dir: str | Path, batch_sizes: list[int], *, threads: int 
             rows.append({"backend": name, "batch_size": size, "p50_us": p50,
                          "p99_us": percentile_us(times[name, size], 99), "images_per_s": size / (p50 / 1e6),
                          "speedup_vs_eager": statistics.median(ratios), "runs": len(times[name, size])})
-    return {"kind": "infer", "export_dir": str(export_dir), "threads": threads, "rounds": rounds,
+    return {"kind": "infer", "export_dir": str(export), "threads": threads, "rounds": rounds,
             "machine": machine(), "rows": rows}

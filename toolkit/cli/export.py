@@ -21,6 +21,7 @@ from toolkit.cli.options import (
     RunsDirOption,
 )
 from toolkit.core.errors import ToolkitError
+from toolkit.core.export_dir import Export
 from toolkit.core.formats import ALL
 from toolkit.core.locate import newest_export_dir, newest_run_checkpoint
 
@@ -117,16 +118,14 @@ def verify_command(
     for name, value in endpoint_only.items():
         if value is not None:
             raise ToolkitError("applies to `endpoint` only", option=name)
-    from toolkit.export.publish import attach_parity
     from toolkit.export.verify import verify_export
 
     with console.status("verifying...") as status:
         report = verify_export(export_dir, data_dir=data_dir, atol=atol, rtol=rtol, max_acc_drop=max_acc_drop,
                                progress=lambda name: status.update(f"verifying {name}..."))
     _show_parity(report)
-    attach_parity(export_dir, report)
     report.raise_for_failure()
-    console.print(f"parity report: {export_dir / 'parity.json'}")
+    console.print(f"parity report: {Export(export_dir).parity_path}")
 
 
 def _show_parity(report: ParityReport) -> None:

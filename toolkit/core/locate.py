@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.core.errors import ToolkitError
+from toolkit.core.manifest import MANIFEST
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # package data: in wheels too
 
@@ -28,7 +29,7 @@ def newest_run_checkpoint(runs_dir: str | Path = "runs", name: str = "best.pt") 
 
 def newest_export_dir(exports_dir: Path = Path("exports")) -> Path:
     """The most recently written export (a dir holding manifest.json)."""
-    candidates = sorted(exports_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(exports_dir.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ToolkitError(
             f"no export found under {exports_dir}/; make one with `toolkit export` "

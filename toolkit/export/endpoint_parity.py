@@ -30,10 +30,10 @@ import httpx
 import numpy as np
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from toolkit.core.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name, serving_name
+from toolkit.core.contract import INPUT_NAME, OUTPUT_NAMES, image_model_name
 from toolkit.core.errors import ToolkitError
+from toolkit.core.export_dir import Export
 from toolkit.core.fileio import write_json
-from toolkit.core.manifest import read_manifest
 from toolkit.export.verify import (
     DEFAULT_MAX_ACC_DROP,
     ParityReport,
@@ -296,12 +296,12 @@ def _image_answers(endpoint: Endpoint, model: str, files: list[bytes], classes: 
     return np.concatenate(rows), labels
 
 
-def _image_check(endpoint: Endpoint, model: str, export_dir: Path, reference: Reference,
+def _image_check(endpoint: Endpoint, model: str, export: Export, reference: Reference,
                  report: ParityReport) -> None:
     """The image model against `toolkit predict` (the export's ONNX model behind the same
     preprocessing) on the first IMAGE_SAMPLES test digits, sent as PNG files: probabilities
     under the fp32 rules, labels equal ("" where predict finds nothing to classify)."""
-    predictor = Predictor(export_dir, provider="cpu")
+    predictor = Predictor(export, provider="cpu")
     pixels = reference.batches[0][:IMAGE_SAMPLES, 0]  # the test set comes first
     files = [encode_png(image) for image in pixels]
     local = np.zeros((len(files), reference.num_classes), dtype=np.float32)
@@ -342,10 +342,10 @@ def verify_endpoint(
     gets `deadline` seconds for all its answers and `max_answer_mb` for each. Writes the report
     (with the endpoint, the model and the seconds taken) to `json_path` when given."""
     check_tolerances(atol, rtol, DEFAULT_MAX_ACC_DROP)
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise ToolkitError(f"export dir not found: {export_dir}")
-    model = model or serving_name(export_dir)
+    export = Export(export_dir)
+    if not export.path.is_dir():
+        raise ToolkitError(f"export dir not found: {export}")
+    model = model or export.served_name
     image_model = image_model_name(model)
     with connect(url, deadline=deadline, max_answer_mb=max_answer_mb) as endpoint:
         if not endpoint.ok("a liveness check", "/v2/health/live"):
@@ -354,12 +354,12 @@ def verify_endpoint(
             raise ToolkitError(f"{url} has no ready model {model!r}; pass the served name with `model`")
         metadata = endpoint.metadata(model)
         has_image = endpoint.ok("a readiness check", f"/v2/models/{quote(image_model, safe='')}/ready")
-        reference = reference_outputs(export_dir, data_dir)
+        reference = reference_outputs(export, data_dir)
         _check_declared(url, model, metadata, tensor_contract(reference.num_classes))
         if has_image:
             _check_declared(url, image_model, endpoint.metadata(image_model), image_contract(reference.num_classes))
         report = reference.report(atol, rtol, DEFAULT_MAX_ACC_DROP)  # every check here is fp32
-        served, exported = _served_checkpoint(metadata), _exported_checkpoint(export_dir)
+        served, exported = _served_checkpoint(metadata), _exported_checkpoint(export)
         if served and exported and served != exported:  # a server that does not say is judged by its answers
             report.integrity[model] = f"the endpoint serves checkpoint {served[:12]}, the export is of {exported[:12]}"
         started = time.perf_counter()
@@ -370,7 +370,7 @@ def verify_endpoint(
         if has_image:
             if progress:
                 progress(image_model)
-            _image_check(endpoint, image_model, export_dir, reference, report)
+            _image_check(endpoint, image_model, export, reference, report)
     report.passed = all(r.passed for r in report.backends.values()) and not report.integrity
     if json_path is not None:
         write_json(Path(json_path), {**report.to_json(), "endpoint": url, "model": model,
@@ -378,8 +378,8 @@ def verify_endpoint(
     return report
 
 
-def _exported_checkpoint(export_dir: Path) -> str | None:
-    value = (read_manifest(export_dir).get("metadata") or {}).get("source_checkpoint_sha256")
+def _exported_checkpoint(export: Export) -> str | None:
+    value = (export.manifest().get("metadata") or {}).get("source_checkpoint_sha256")
     return value if isinstance(value, str) else None
 
 

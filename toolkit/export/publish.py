@@ -15,28 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from toolkit.core.contract import serving_name
 from toolkit.core.errors import ToolkitError
-from toolkit.core.fileio import DIR_MODE, sha256_file, write_json
-from toolkit.core.manifest import MANIFEST, PARITY, IntegrityError, check_artifact, read_manifest, unlisted_files
+from toolkit.core.export_dir import Export
+from toolkit.core.fileio import DIR_MODE
 from toolkit.export.verify import DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_RTOL, ParityReport, verify_export
 from toolkit.export.writers import ExportOptions, export_checkpoint
-
-
-def attach_parity(export_dir: str | Path, report: ParityReport) -> None:
-    """Record the parity summary in the manifest, with the sha256 of the parity.json it sums up
-    (`verify_export` wrote it): the verdict gates read is that file's (`manifest.parity_problem`)."""
-    path = Path(export_dir) / MANIFEST
-    manifest = read_manifest(export_dir)
-    manifest["parity"] = {
-        "report_sha256": sha256_file(Path(export_dir) / PARITY),
-        "passed": report.passed, "atol": report.atol, "rtol": report.rtol,
-        "reference_accuracy": report.reference_accuracy,
-        "backends": {name: {"accuracy": r.accuracy, "max_abs_diff": r.max_abs_diff,
-                            "top1_agreement": r.top1_agreement, "passed": r.passed}
-                     for name, r in report.backends.items()},
-    }
-    write_json(path, manifest)
 
 
 def export_verified(
@@ -61,7 +44,7 @@ def export_verified(
     """
     options.validate()
     # Named after `out`, not the staging dir it is written in.
-    options = dataclasses.replace(options, triton_name=options.triton_name or serving_name(out))
+    options = dataclasses.replace(options, triton_name=options.triton_name or Export(out).served_name)
     with staged_directory(out) as stage:
         manifest = export_checkpoint(checkpoint, stage, options)
         if on_exported is not None:
@@ -74,7 +57,6 @@ def export_verified(
             on_verified(report)
         report.raise_for_failure(f"parity check failed, nothing was replaced in {out} (--no-verify, or "
                                  "verify=False, keeps the artifacts anyway)")
-        attach_parity(stage, report)
     return manifest, report
 
 
@@ -194,29 +176,22 @@ def _check_replaceable(target: Path, named_by: str | None = "out") -> None:
         raise ToolkitError(f"{target} exists and is not a folder; {other}")
     if not any(target.iterdir()):
         return
+    export = Export(target)
     try:
-        manifest = read_manifest(target)
+        manifest = export.manifest()
     except ToolkitError as exc:
         raise ToolkitError(f"{target} is a folder but not a toolkit export ({exc}); refusing to replace it, "
                            f"{other}") from None
     them_away = "move them away" + (f" or choose another `{named_by}`" if named_by else "")
-    unlisted = unlisted_files(target, manifest)
+    integrity = export.integrity(manifest)
+    unlisted = integrity.unlisted
     if unlisted:
         raise ToolkitError(f"{target} holds files its manifest does not list ({_some(unlisted)}); refusing to "
                            f"replace it, {them_away}")
-    present = [name for name in manifest["artifacts"] if (target / name).exists()]
-    changed = [name for name in present if not _as_listed(target, name, manifest)]
+    changed = integrity.changed
     if changed:
         raise ToolkitError(f"{target} holds files changed since it was exported ({_some(changed)}); refusing to "
                            f"replace it, {them_away}")
-
-
-def _as_listed(export_dir: Path, name: str, manifest: dict[str, Any]) -> bool:
-    try:
-        check_artifact(export_dir, name, manifest)
-    except IntegrityError:
-        return False
-    return True
 
 
 def _some(names: list[str]) -> str:

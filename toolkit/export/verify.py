@@ -16,16 +16,8 @@ import numpy as np
 
 from toolkit.core.contract import OUTPUT_NAMES
 from toolkit.core.errors import ToolkitError
-from toolkit.core.fileio import write_json
-from toolkit.core.manifest import (
-    MANIFEST,
-    PARITY,
-    PARITY_VERSION,
-    IntegrityError,
-    check_artifact,
-    read_manifest,
-    unlisted_files,
-)
+from toolkit.core.export_dir import Export
+from toolkit.core.manifest import PARITY_VERSION, IntegrityError
 from toolkit.data.datasets import load_split
 from toolkit.models.checkpoint import build_deployable, load_checkpoint
 from toolkit.runtime.backends import export_backends
@@ -77,6 +69,14 @@ class ParityReport:
         data["backends"] = {name: asdict(r) for name, r in self.backends.items()}
         return data
 
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records of this report (beside parity.json's sha256)."""
+        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol,
+                "reference_accuracy": self.reference_accuracy,
+                "backends": {name: {"accuracy": r.accuracy, "max_abs_diff": r.max_abs_diff,
+                                    "top1_agreement": r.top1_agreement, "passed": r.passed}
+                             for name, r in self.backends.items()}}
+
     def raise_for_failure(self, prefix: str = "parity check failed") -> None:
         """Raise the ParityError subclass for the first kind of failure (integrity, shape,
         tolerance, accuracy drop), carrying this report; do nothing when the check passed."""
@@ -127,18 +127,6 @@ def edge_inputs() -> tuple[list[str], list[np.ndarray]]:
     return list(cases), [c.astype(np.float32) for c in cases.values()]
 
 
-def integrity_problems(export_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """artifact -> what is wrong, for every listed file that is missing or changed, every ONNX
-    external-data file not listed, and every file the manifest does not list."""
-    problems = {}
-    for artifact in manifest["artifacts"]:
-        try:
-            check_artifact(export_dir, artifact, manifest)
-        except IntegrityError as exc:
-            problems[artifact] = str(exc)
-    for name in unlisted_files(export_dir, manifest):
-        problems[name] = f"not listed in {MANIFEST} (added after export?)"
-    return problems
 
 
 def run_all(
@@ -190,9 +178,9 @@ def check_tolerances(atol: float, rtol: float, max_acc_drop: float) -> None:
             raise ToolkitError(f"must be a finite number >= 0, got {value}", option=name)
 
 
-def reference_outputs(export_dir: Path, data_dir: str | Path | None = None) -> Reference:
-    """The PyTorch reference of the export in `export_dir` (its model.pt) on its test set."""
-    checkpoint = load_checkpoint(export_dir / "model.pt")
+def reference_outputs(export: Export, data_dir: str | Path | None = None) -> Reference:
+    """The PyTorch reference of `export` (its model.pt) on its test set."""
+    checkpoint = load_checkpoint(export.reference)
     test = load_split(checkpoint["dataset"], data_dir, train=False)
     edge_names, edge_batches = edge_inputs()
     batches = np.array_split(test.pixels().numpy(), -(-len(test) // EVAL_BATCH)) + edge_batches
@@ -202,7 +190,7 @@ def reference_outputs(export_dir: Path, data_dir: str | Path | None = None) -> R
 
 
 def verify_export(
-    export_dir: str | Path,
+    export: str | Path | Export,
     *,
     data_dir: str | Path | None = None,
     atol: float = DEFAULT_ATOL,
@@ -210,25 +198,26 @@ def verify_export(
     max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
     progress: Callable[[str], None] | None = None,
 ) -> ParityReport:
-    """Compare every backend in `export_dir` with its PyTorch checkpoint; write `parity.json`."""
-    export_dir = Path(export_dir)
+    """Compare every backend in `export` with its PyTorch checkpoint; write `parity.json` and, in
+    step with it, the manifest's parity summary (pass or fail)."""
+    export = Export(export)
     check_tolerances(atol, rtol, max_acc_drop)
-    if not export_dir.is_dir():
-        raise ToolkitError(f"export dir not found: {export_dir}")
-    manifest = read_manifest(export_dir)
-    reference = reference_outputs(export_dir, data_dir)
+    if not export.path.is_dir():
+        raise ToolkitError(f"export dir not found: {export}")
+    manifest = export.manifest()
+    reference = reference_outputs(export, data_dir)
     report = reference.report(atol, rtol, max_acc_drop)
-    report.integrity = integrity_problems(export_dir, manifest)
+    report.integrity = export.integrity(manifest).problems
     report.artifacts = {name: entry["sha256"] for name, entry in manifest["artifacts"].items()}
-    for backend in export_backends(export_dir):
+    for backend in export_backends(export.path):
         if progress:
             progress(backend.name)
         report.backends[backend.name] = reference.compare(backend.format.artifact, backend.format.kind,
                                                           backend.runner(), report)
     if not report.backends:
-        raise ToolkitError(f"{export_dir} holds no exported model to verify (model.onnx, model.ts, ...)")
+        raise ToolkitError(f"{export} holds no exported model to verify (model.onnx, model.ts, ...)")
     report.passed = all(r.passed for r in report.backends.values()) and not report.integrity
-    write_json(export_dir / PARITY, report.to_json())
+    export.record_parity(report.to_json(), report.summary())
     return report
 
 

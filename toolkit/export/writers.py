@@ -31,11 +31,9 @@ from toolkit.core.contract import (
     serving_name,
 )
 from toolkit.core.errors import ToolkitError
-from toolkit.core.fileio import atomic_path, sha256_file, write_atomic, write_bytes, write_json
+from toolkit.core.export_dir import Export
+from toolkit.core.fileio import atomic_path, sha256_file, write_atomic, write_bytes
 from toolkit.core.formats import FORMATS, Format, resolve_formats
-from toolkit.core.manifest import FORMAT as MANIFEST_FORMAT
-from toolkit.core.manifest import MANIFEST, PARITY, files_in
-from toolkit.core.manifest import VERSION as MANIFEST_VERSION
 from toolkit.imaging.framing import Framing
 from toolkit.models.checkpoint import (
     build_deployable,
@@ -269,7 +267,7 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Write every requested artifact and `manifest.json` into `out_dir`; return the manifest."""
     options.validate()
-    out_dir = Path(out_dir)
+    export = Export(out_dir)
     checkpoint_path = checkpoint_file(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint_sha = sha256_file(checkpoint_path)
@@ -283,31 +281,15 @@ def export_checkpoint(
         raise ToolkitError(f"{checkpoint_path}: the model's output is not finite (NaN or infinity): it is broken")
     metadata = model_metadata(checkpoint, checkpoint_sha)
     # The export dir is self-contained: the reference weights travel with the artifacts.
-    save_checkpoint(out_dir / "model.pt", {k: v for k, v in checkpoint.items()
+    save_checkpoint(export.reference, {k: v for k, v in checkpoint.items()
                                           if k not in ("format", "format_version", "optimizer_state",
                                                        "scheduler_state")})
-    job = ExportJob(model, out_dir, metadata, checkpoint, options)
+    job = ExportJob(model, export.path, metadata, checkpoint, options)
     for fmt in options.chosen_formats():
         globals()[fmt.writer](job)  # write_<name>, defined above for each format of the table
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "manifest_version": MANIFEST_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": options.command,
-        "source_checkpoint": str(Path(checkpoint_path).resolve()),
-        "onnx_opset": job.opset,
-        "metadata": metadata,
-        "artifacts": artifact_table(out_dir),
-        "parity": None,
-    }
-    write_json(out_dir / MANIFEST, manifest)
-    return manifest
-
-
-def artifact_table(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every file in the export (manifest and parity report aside) with size and sha256."""
-    return {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
-            for name in files_in(out_dir) if name not in (MANIFEST, PARITY) and not name.endswith("/")}
+    return export.create_manifest(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=options.command,
+        source_checkpoint=str(Path(checkpoint_path).resolve()), onnx_opset=job.opset, metadata=metadata)
 
 
 @contextlib.contextmanager

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.core.errors import ToolkitError
+from toolkit.core.export_dir import Export
 from toolkit.core.fileio import files_together, write_json
-from toolkit.core.manifest import MANIFEST, PARITY, parity_problem, read_manifest
+from toolkit.core.manifest import PARITY
 from toolkit.data.datasets import load_split
 from toolkit.data.imagefolder import read_image_folder
 from toolkit.export.publish import replacing, staging_beside, swap_in
-from toolkit.export.verify import integrity_problems
 from toolkit.insight.evaluate import ScoringModel, load_scoring_model, model_logits
 
 DEFAULT_MAX_ACC_DROP = 0.2  # points of test accuracy a candidate may lose
@@ -63,15 +63,15 @@ def _accuracy(model: ScoringModel, pixels: np.ndarray, labels: np.ndarray) -> tu
     return float((predicted == labels).mean()), predicted
 
 
-def _refusal(snapshot: Path, candidate: Path) -> str | None:
+def _refusal(snapshot: Export, candidate: Path) -> str | None:
     """Why the snapshot of `candidate` is not a proven export, or None."""
-    manifest = read_manifest(snapshot)
-    problems = integrity_problems(snapshot, manifest)
+    manifest = snapshot.manifest()
+    problems = snapshot.integrity(manifest).problems
     if problems:
         name, problem = next(iter(problems.items()))
         problem = problem.replace(str(snapshot), str(candidate))
         return f"the candidate's files do not match its manifest ({name}: {problem})"
-    problem = parity_problem(snapshot, manifest)
+    problem = snapshot.parity_problem(manifest)
     if problem is not None:
         return f"the candidate's parity {problem} (export it with verification, or run `toolkit verify`)"
     return None
@@ -96,20 +96,21 @@ def promote(candidate: str | Path, serving: str | Path, heldout: str | Path, *,
             raise ToolkitError(f"no {role} export at {path}")
     kept = previous_of(serving)
     with (replacing(serving, wait=False),
-          staging_beside(serving, keep_previous=kept, named_by="serving") as (_, snapshot),
-          _standing_for(snapshot, candidate)):
+          staging_beside(serving, keep_previous=kept, named_by="serving") as (_, staged),
+          _standing_for(staged, candidate)):
+        snapshot = Export(staged)
         with replacing(candidate, wait=False, required=False):
-            _copy_export(candidate, snapshot)
+            _copy_export(Export(candidate), snapshot)
         return _promote(candidate, snapshot, serving, Path(heldout), data_dir, max_acc_drop, Path(report_dir))
 
 
-def _copy_export(candidate: Path, snapshot: Path) -> None:
+def _copy_export(candidate: Export, snapshot: Export) -> None:
     """Copy the candidate's manifest, then parity.json and every file that manifest lists, into
     `snapshot`. Only regular files are copied: a missing file, a link or a FIFO is left for the
     integrity check to name."""
-    _copy_regular_file(candidate / MANIFEST, snapshot / MANIFEST)
-    for name in [*read_manifest(snapshot)["artifacts"], PARITY]:
-        _copy_regular_file(candidate / name, snapshot / name)
+    _copy_regular_file(candidate.manifest_path, snapshot.manifest_path)
+    for name in [*snapshot.manifest()["artifacts"], PARITY]:
+        _copy_regular_file(candidate.path / name, snapshot.path / name)
 
 
 def _copy_regular_file(source: Path, target: Path) -> None:
@@ -135,7 +136,7 @@ def _standing_for(snapshot: Path, candidate: Path) -> Iterator[None]:
         raise ToolkitError(str(exc.args[0]).replace(str(snapshot), str(candidate)), option=exc.option) from None
 
 
-def _promote(candidate: Path, snapshot: Path, serving: Path, heldout: Path, data_dir: str | Path | None,
+def _promote(candidate: Path, snapshot: Export, serving: Path, heldout: Path, data_dir: str | Path | None,
              max_acc_drop: float, report_dir: Path) -> Promotion:
     """Score the served export and the candidate's snapshot; swap the snapshot in if it passes."""
     models = {"serving": load_scoring_model(serving, "cpu"), "candidate": load_scoring_model(snapshot, "cpu")}
@@ -164,7 +165,7 @@ def _promote(candidate: Path, snapshot: Path, serving: Path, heldout: Path, data
     kept = None
     if reason is None:
         kept = previous_of(serving)
-        swap_in(snapshot, serving, keep_previous=kept, named_by="serving")
+        swap_in(snapshot.path, serving, keep_previous=kept, named_by="serving")
         reason = (f"promoted: held-out {heldout_acc['serving']:.2%} -> {heldout_acc['candidate']:.2%}, test "
                   f"{test_acc['serving']:.2%} -> {test_acc['candidate']:.2%}")
     result = Promotion(promoted=kept is not None, reason=reason, candidate=str(candidate), serving=str(serving),
@@ -199,9 +200,9 @@ def rollback(serving: str | Path) -> Path:
 
 def _swap_back(serving: Path) -> Path:
     previous = previous_of(serving)
-    if not (previous / "manifest.json").is_file():
+    if not Export(previous).manifest_path.is_file():
         raise ToolkitError(f"nothing to roll back to: no previous export at {previous}")
-    read_manifest(previous)
+    Export(previous).manifest()
     swap = serving.with_name(f".{serving.name}.rollback-{os.getpid()}")
     try:
         os.replace(serving, swap)

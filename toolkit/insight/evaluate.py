@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from toolkit.core.errors import ToolkitError
+from toolkit.core.export_dir import NOT_CHECKED, ONNX, VERIFIED, Export
 from toolkit.core.fileio import files_together, write_json
-from toolkit.core.manifest import part_of_export, prove
 from toolkit.core.plots import plot_confusion, plot_digit_grid
 from toolkit.data.datasets import get_dataset, load_split
 from toolkit.data.imagefolder import read_image_folder
@@ -38,17 +38,18 @@ class ScoringModel:
     framing: Framing  # how the model's training images were framed: how to frame others for it
 
 
-def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integrity: bool = True) -> ScoringModel:
-    """A checkpoint (.pt) or run dir, an export dir (its model.onnx) or an .onnx file."""
+def load_scoring_model(path: str | Path | Export, provider: str = "auto", *,
+                       check_integrity: bool = True) -> ScoringModel:
+    """A checkpoint (.pt) or run dir, an export (its model.onnx) or an .onnx file."""
     path = Path(path)
-    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
+    if path.suffix == ".onnx" or (path.is_dir() and Export(path).onnx.is_file()):
         from toolkit.runtime.predictor import Predictor
 
         predictor = Predictor(path, provider=provider, check_integrity=check_integrity)
         meta = predictor.metadata
         if not isinstance(meta.get("dataset"), str):
             raise ToolkitError(f"{predictor.path} has no toolkit metadata (dataset, class names)")
-        name = predictor.path.parent.name if path.is_dir() or path.name == "model.onnx" else path.stem
+        name = predictor.path.parent.name if path.is_dir() or path.name == ONNX else path.stem
         return ScoringModel(name, str(predictor.path), f"onnxruntime-{predictor.provider}", meta["dataset"],
                             predictor.class_names, predictor.run, predictor.integrity, predictor.framing)
     path = checkpoint_file(path)
@@ -61,12 +62,13 @@ def load_scoring_model(path: str | Path, provider: str = "auto", *, check_integr
 
 def _checkpoint_integrity(path: Path, check: bool) -> str:
     """A checkpoint inside an export (beside a manifest.json) must be the one the manifest lists."""
-    if not part_of_export(path):
+    export = Export.holding(path)
+    if export is None:
         return "a training checkpoint, not part of an export"
     if not check:
-        return "not checked (skipped on request)"
-    prove(path, "evaluate")
-    return "verified against its manifest"
+        return NOT_CHECKED
+    export.prove(path.name, "evaluate")
+    return VERIFIED
 
 
 def model_logits(model: ScoringModel, pixels: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from toolkit.core.classes import DIGITS
 from toolkit.core.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAMES
 from toolkit.core.errors import ToolkitError
-from toolkit.core.manifest import part_of_export, prove, read_manifest
+from toolkit.core.export_dir import NOT_CHECKED, VERIFIED, Export
 from toolkit.imaging.framing import Framing
 
 log = logging.getLogger("toolkit.runtime.predictor")
@@ -117,11 +117,11 @@ def read_onnx_metadata(session: Any) -> dict[str, Any]:
     return decoded
 
 
-def resolve_onnx_path(model: str | Path) -> Path:
+def resolve_onnx_path(model: str | Path | Export) -> Path:
     """An export dir (its model.onnx) or a .onnx file."""
     path = Path(model)
     if path.is_dir():
-        path = path / "model.onnx"
+        path = Export(path).onnx
     if not path.is_file():
         raise ToolkitError(f"no ONNX model at {path}; run `toolkit export` first or pass a .onnx file")
     if zipfile.is_zipfile(path):  # what torch.save and torch.jit.save write
@@ -140,17 +140,6 @@ def check_onnx_file(path: Path) -> None:
         raise ToolkitError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from exc
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ToolkitError(f"{path} is not a valid ONNX model ({type(exc).__name__})") from exc
-
-
-def prove_integrity(model: Path, path: Path) -> tuple[dict[str, Any], str]:
-    """(manifest, verdict) for the ONNX model `path` that the user named as `model`.
-
-    An export dir, or a model beside a manifest.json, must match its manifest (the model and its
-    external data); a bare .onnx file with no manifest beside it is served as unverified.
-    """
-    if not model.is_dir() and not part_of_export(path):
-        return {}, "unverified: a bare .onnx file with no manifest"
-    return prove(path, "serve"), "verified against its manifest"
 
 
 def check_signature(session: Any, num_classes: int) -> None:
@@ -208,16 +197,25 @@ class Prediction:
 
 
 class Predictor:
-    """An exported ONNX model behind onnxruntime: 28x28 [0, 1] images in, ranked classes out."""
+    """An exported ONNX model behind onnxruntime: 28x28 [0, 1] images in, ranked classes out.
+
+    `model` is an export (or its folder), or an .onnx file: one beside a manifest.json must
+    match it (the model and its external data), a bare one with no manifest beside it is served
+    as unverified. `export` is the folder the model is in, whichever it was."""
 
     def __init__(
-        self, model: str | Path, provider: str = "auto", threads: int | None = None, *, check_integrity: bool = True
+        self, model: str | Path | Export, provider: str = "auto", threads: int | None = None, *,
+        check_integrity: bool = True,
     ) -> None:
         self.path = resolve_onnx_path(model)
-        if check_integrity:
-            self.manifest, self.integrity = prove_integrity(Path(model), self.path)
+        self.export = Export(self.path.parent)
+        if not check_integrity:
+            self.manifest, self.integrity = self.export.manifest_if_readable(), NOT_CHECKED
+        elif Path(model).is_dir() or Export.holding(self.path):
+            self.manifest, self.integrity = self.export.prove(self.path.name, "serve"), VERIFIED
         else:
-            self.manifest, self.integrity = self._manifest_if_readable(), "not checked (skipped on request)"
+            self.manifest, self.integrity = {}, "unverified: a bare .onnx file with no manifest"
+        self.parity = Export.parity_label(self.manifest)  # what the model card says of parity
         check_onnx_file(self.path)
         self.session = create_session(self.path, provider, threads)
         self.provider = session_provider(self.session)
@@ -235,12 +233,6 @@ class Predictor:
         from toolkit.core.fileio import sha256_file
 
         return sha256_file(self.path)
-
-    def _manifest_if_readable(self) -> dict[str, Any]:
-        try:
-            return read_manifest(self.path.parent)
-        except ToolkitError:
-            return {}
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities) for float32 images [N, 1, 28, 28] (or [N, 28, 28]) in [0, 1].
@@ -284,13 +276,12 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """The model card: what this model is and how well it did."""
-        parity = self.manifest.get("parity") or {}
         return {
             "model": str(self.path),
             "arch": self.metadata.get("arch"),
             "dataset": self.metadata.get("dataset"),
             "test_accuracy": self.metadata.get("test_accuracy"),
-            "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+            "parity": self.parity,
             "integrity": self.integrity,
             "provider": self.provider,
         }
@@ -306,7 +297,7 @@ class ReloadingPredictor:
 
     CHECK_EVERY_S = 1.0
 
-    def __init__(self, model: str | Path, **predictor_options: Any) -> None:
+    def __init__(self, model: str | Path | Export, **predictor_options: Any) -> None:
         self.model, self.options = Path(model), predictor_options
         self._predictor = Predictor(model, **predictor_options)
         self._stamp, self._checked = self._changes(), time.monotonic()
@@ -316,7 +307,7 @@ class ReloadingPredictor:
     def _changes(self) -> tuple[int, int, int] | None:
         """What changes when the export at the path is replaced: its manifest's (or the bare
         model's) inode, size and modification time."""
-        watched = self.model / "manifest.json" if self.model.is_dir() else self.model
+        watched = Export(self.model).manifest_path if self.model.is_dir() else self.model
         try:
             stat = watched.stat()
         except OSError:

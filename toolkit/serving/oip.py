@@ -204,14 +204,13 @@ class ExportModel(kserve.Model):
     def parameters(self) -> dict[str, Any]:
         """What the metadata endpoint tells about the served export beyond its tensors."""
         predictor = self.predictor
-        parity = predictor.manifest.get("parity") or {}
         return {
             "class_names": predictor.class_names,
             "dataset": predictor.metadata.get("dataset"),
             "arch": predictor.metadata.get("arch"),
             "normalization_in_graph": predictor.metadata.get("normalization_baked_in"),
             "checkpoint_sha256": predictor.metadata.get("source_checkpoint_sha256"),
-            "parity": None if not parity else ("passed" if parity.get("passed") else "FAILED"),
+            "parity": predictor.parity,
             "integrity": predictor.integrity,
             "provider": predictor.provider,
         }

@@ -35,7 +35,7 @@ from grpc_interceptor import AsyncServerInterceptor
 from starlette.requests import Request  # at module level: FastAPI resolves handlers' annotations here
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from toolkit.core.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, image_model_name, serving_name
+from toolkit.core.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, image_model_name
 from toolkit.core.errors import ToolkitError
 from toolkit.runtime.predictor import ReloadingPredictor
 from toolkit.serving.batching import DynamicBatcher
@@ -576,7 +576,7 @@ def build_models(export_dir: str | Path, options: ServeOptions) -> tuple[TensorM
     options.validate()
     live = ReloadingPredictor(export_dir, provider=options.provider, threads=options.threads,
                               check_integrity=options.check_integrity)
-    name = options.name or serving_name(live.current.path.parent)  # the export dir, or a bare .onnx's folder
+    name = options.name or live.current.export.served_name  # the export dir, or a bare .onnx's folder
 
     def counted(images: int, requests: int) -> None:
         METRICS["batch_images"].observe(images)
@@ -665,9 +665,9 @@ def serve(export_dir: str | Path, options: ServeOptions,
             sockets.pop().close()
             sockets.extend(_listening_socket(options.host, port, reuse_port=True) for _ in range(options.workers))
         # Checked here once, so a bad export is one message rather than one per worker.
-        name = options.name or serving_name(ReloadingPredictor(
+        name = options.name or ReloadingPredictor(
             export_dir, provider=options.provider, threads=options.threads,
-            check_integrity=options.check_integrity).current.path.parent)
+            check_integrity=options.check_integrity).current.export.served_name
         with shared_metrics_dir():
             run_workers(functools.partial(_serve_worker, export_dir, options),
                         sockets if SPREAD_BY_KERNEL else sockets * options.workers,
