@@ -72,6 +72,20 @@ def test_a_better_candidate_is_promoted_and_rollback_brings_the_old_one_back(set
     assert _files(serving) == before and _files(serving.with_name("lenet.previous")) == _files(candidate)
 
 
+def test_rollback_brings_back_only_an_export_it_can_prove(setting, tmp_path):
+    """What the last promotion kept may have been changed since: rollback proves it as promote
+    proves a candidate, or changes nothing."""
+    serving = _serving(setting, tmp_path)
+    previous = serving.with_name("lenet.previous")
+    shutil.copytree(setting / "exports" / "same", previous)
+    shutil.copy(setting / "exports" / "tuned" / "model.onnx", previous / "model.onnx")  # another model
+    before = _files(serving)
+    rolled = run_cli("promote", "--rollback", "--serving", serving)
+    assert rolled.returncode == 1 and "Traceback" not in rolled.stderr, rolled.stderr
+    assert "not rolled back" in rolled.stderr and "previous export's files do not match its manifest" in rolled.stderr
+    assert _files(serving) == before
+
+
 def test_a_candidate_no_better_on_the_heldout_images_changes_nothing(setting, tmp_path, mnist_dir):
     serving = _serving(setting, tmp_path)
     before = _files(serving)

@@ -63,17 +63,17 @@ def _accuracy(model: ScoringModel, pixels: np.ndarray, labels: np.ndarray) -> tu
     return float((predicted == labels).mean()), predicted
 
 
-def _refusal(snapshot: Export, candidate: Path) -> str | None:
-    """Why the snapshot of `candidate` is not a proven export, or None."""
+def _refusal(snapshot: Export, shown_as: Path, role: str = "candidate") -> str | None:
+    """Why `snapshot` (of the export at `shown_as`, the `role`) is not a proven export, or None."""
     manifest = snapshot.manifest()
     problems = snapshot.integrity(manifest).problems
     if problems:
         name, problem = next(iter(problems.items()))
-        problem = problem.replace(str(snapshot), str(candidate))
-        return f"the candidate's files do not match its manifest ({name}: {problem})"
+        problem = problem.replace(str(snapshot), str(shown_as))
+        return f"the {role}'s files do not match its manifest ({name}: {problem})"
     problem = snapshot.parity_problem(manifest)
     if problem is not None:
-        return f"the candidate's parity {problem} (export it with verification, or run `toolkit verify`)"
+        return f"the {role}'s parity {problem} (export it with verification, or run `toolkit verify`)"
     return None
 
 
@@ -202,7 +202,9 @@ def _swap_back(serving: Path) -> Path:
     previous = previous_of(serving)
     if not Export(previous).manifest_path.is_file():
         raise ToolkitError(f"nothing to roll back to: no previous export at {previous}")
-    Export(previous).manifest()
+    problem = _refusal(Export(previous), previous, "previous export")  # what was kept may have changed since
+    if problem is not None:
+        raise ToolkitError(f"not rolled back, {serving} unchanged: {problem}")
     swap = serving.with_name(f".{serving.name}.rollback-{os.getpid()}")
     try:
         os.replace(serving, swap)
