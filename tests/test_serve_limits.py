@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from toolkit.serving.launch import free_port, server_process
 
-# toolkit.serving.server's limits: that module imports KServe, whose protos clash with tritonclient's.
+# toolkit.serving.options' limits: that package imports KServe, whose protos clash with tritonclient's.
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT_S = 10
 
