@@ -463,12 +463,12 @@ def test_refusals_log_no_traceback():
 import logging
 from kserve.errors import InvalidInput
 from toolkit.serving.oip import NotOffered
-from toolkit.serving.server import _ExpectedTracebacks
+from toolkit.serving.server import ExpectedTracebacks
 
 def record(exc):
     return logging.LogRecord("kserve", logging.ERROR, "x", 1, "Exception:", (), (type(exc), exc, None))
 
-refusals = _ExpectedTracebacks()
+refusals = ExpectedTracebacks()
 assert not refusals.filter(record(InvalidInput("bad shape")))
 assert not refusals.filter(record(NotOffered("model versions")))  # a call this server does not offer
 assert refusals.filter(record(RuntimeError("a server error")))  # keeps its traceback

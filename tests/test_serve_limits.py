@@ -16,10 +16,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from toolkit.serving.launch import free_port, server_process
-
-# toolkit.serving.server's limits: that module imports KServe, whose protos clash with tritonclient's.
-MAX_HEADER_BYTES = 64 * 1024
-HEADER_TIMEOUT_S = 10
+from toolkit.serving.options import HEADER_TIMEOUT_S, MAX_HEADER_BYTES  # imports no KServe (its protos clash)
 
 
 @pytest.fixture(scope="module")

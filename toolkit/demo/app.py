@@ -20,6 +20,7 @@ from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from toolkit.core.bodycap import BodyTooLarge, declared_too_large, read_capped, replaying, send_json
 from toolkit.core.classes import DIGITS
 from toolkit.core.errors import ToolkitError
 from toolkit.core.locate import EXAMPLES_DIR
@@ -192,44 +193,24 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.limit:
-            await self._refuse(scope, send, 413, f"request body too large (limit {self.limit:,} bytes)")
+        too_large = f"request body too large (limit {self.limit:,} bytes)"
+        if declared_too_large(scope, self.limit):
+            await self._refuse(scope, send, 413, too_large)
             return
-        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        if not dict(scope["headers"]).get(b"content-type", b"").startswith(b"application/json"):
             await self._stream_capped(scope, receive, send)
             return
-        body = await self._read(receive)
-        if body is None:
-            await self._refuse(scope, send, 413, f"request body too large (limit {self.limit:,} bytes)")
+        try:
+            body = await read_capped(scope, receive, self.limit)
+        except BodyTooLarge:
+            await self._refuse(scope, send, 413, too_large)
+            return
+        if body is None:  # the client left
             return
         if _names_foreign_file(body):
             await self._refuse(scope, send, 400, "a file named in the request was not uploaded to this server")
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # the client's disconnect, for streamed answers
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _read(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once it passes the limit."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return None
-            chunks.append(chunk)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return b"".join(chunks)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _stream_capped(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass a (multipart) body through as it arrives, cut off where it passes the limit."""
@@ -261,10 +242,7 @@ class RequestGuard:
     @staticmethod
     async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
         log.info("refused a request to %s: %s", scope.get("path", "?"), detail)
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, {"detail": detail})
 
 
 def _names_foreign_file(body: bytes) -> bool:

@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import math
-import os
-import sys
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,30 +31,12 @@ from toolkit.imaging.framing import Framing
 from toolkit.imaging.preprocess import preprocess
 from toolkit.runtime.predictor import Predictor, ReloadingPredictor, usable_cores
 from toolkit.serving.batching import DynamicBatcher
+from toolkit.serving.kserve_adapter import import_kserve
 
-
-def _import_kserve() -> Any:
-    # kserve parses sys.argv with argparse when imported, and would read (or exit on) the
-    # toolkit's own options; its log level is read from the environment at the same time.
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    os.environ.setdefault("KSERVE_LOGLEVEL", "WARNING")
-    try:
-        import kserve
-    except ImportError:
-        raise ToolkitError("serving needs KServe: pip install 'toolkit[serve]'") from None
-    finally:
-        sys.argv = argv
-    return kserve
-
-
-kserve = _import_kserve()
+kserve = import_kserve()
 from kserve import InferOutput, InferRequest, InferResponse  # noqa: E402  (after the argv guard)
-from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER  # noqa: E402
 from kserve.errors import InferenceError, InvalidInput  # noqa: E402
-from kserve.protocol.dataplane import DataPlane  # noqa: E402
-from kserve.protocol.infer_type import InferInput, RequestedOutput, deserialize_bytes_tensor  # noqa: E402
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension  # noqa: E402
-from kserve.utils.numpy_codec import to_np_dtype  # noqa: E402
 
 MAX_IMAGES_PER_REQUEST = 4096  # tensors: 12.8 MB of pixels; the body cap bounds it too
 MAX_FILES_PER_REQUEST = 64  # encoded images, each decoded and framed on the server
@@ -315,36 +294,3 @@ class ReadOnlyRepositoryExtension(ModelRepositoryExtension):
 
     async def unload(self, model_name: str) -> None:
         raise NotOffered("models are not loaded or unloaded over the protocol here")
-
-
-class BinaryKeepingDataPlane(DataPlane):
-    """KServe's data plane, except that tensors sent in the binary extension stay numpy arrays:
-    KServe 0.21 turns each into a Python list and back, a fifth of the server's time at 16
-    clients. The server's guard has checked the framing (header length, sizes, BYTES elements)
-    before this runs."""
-
-    def decode_inference_request(self, body: Any, headers: dict[str, str], model_name: str) -> InferRequest:
-        if not isinstance(body, bytes):
-            return super().decode_inference_request(body, headers, model_name)
-        length = int(headers[INFERENCE_CONTENT_LENGTH_HEADER])
-        header = json.loads(body[:length])
-        inputs, offset = [], length
-        for tensor in header["inputs"]:
-            parameters, datatype = tensor.get("parameters") or {}, tensor.get("datatype")
-            size = parameters.get("binary_data_size")
-            if size is None:
-                data = tensor.get("data")
-                if data is None:
-                    raise InvalidInput(f"input {tensor.get('name')!r} has neither data nor binary_data_size")
-            else:
-                raw = body[offset:offset + size]
-                offset += size
-                data = (deserialize_bytes_tensor(raw) if datatype == "BYTES"
-                        else np.frombuffer(raw, dtype=to_np_dtype(datatype)))
-            inputs.append(InferInput(name=tensor.get("name"), shape=tensor["shape"], datatype=datatype,
-                                     data=data, parameters=parameters))
-        outputs = header.get("outputs")
-        requested = None if outputs is None else [
-            RequestedOutput(name=output["name"], parameters=output.get("parameters")) for output in outputs]
-        return InferRequest(model_name=model_name, infer_inputs=inputs, request_id=header.get("id"),
-                            parameters=header.get("parameters"), request_outputs=requested)

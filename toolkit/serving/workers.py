@@ -140,7 +140,7 @@ def _supervise(processes: dict[int, Any], reports: Any, start: Callable[[int], N
             while True:  # a replacement's report: only a failure to start is worth a line
                 index, _, state, message = reports.get_nowait()
                 if state == FAILED:
-                    log.warning("%s", message)
+                    log.warning("worker %d: %s", index, message)
         for index, process in processes.items():
             if index in restart_at or process.exitcode is None or stopping():
                 continue
@@ -159,7 +159,8 @@ def _supervise(processes: dict[int, Any], reports: Any, start: Callable[[int], N
 
 def _wait_until_ready(processes: dict[int, Any], reports: Any, count: int, timeout: float,
                       stopping: Callable[[], bool]) -> None:
-    """Returns once `count` of `processes` reported ready; raises with the first failure."""
+    """Returns once `count` of `processes` reported ready; raises with the first failure, as the
+    worker said it (every worker serves the same export, so the message is the export's)."""
     import queue
 
     ready: set[int] = set()

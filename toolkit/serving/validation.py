@@ -1,0 +1,156 @@
+"""Request validation for the server: what is wrong with an inference request, found from its
+cheapest facts (framing, declared inputs, counts, sizes) before any per-element work."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from toolkit.serving.oip import ExportModel
+from toolkit.serving.options import JSON_SLACK_VALUES
+
+
+def invalid_request_message(errors: Sequence[Any]) -> str:
+    """One line for pydantic's validation errors of an inference request: the first, and where."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return f"invalid inference request: {first.get('msg', 'unreadable')}" + (f" at {where}" if where else "")
+
+
+def binary_request_problem(header_length: bytes, body: bytes, model: ExportModel | None = None) -> str | None:
+    """What is wrong with a request in the binary tensor extension's framing, or None: the JSON
+    header's length, the header itself, the inputs as `model` declares them, and each input's
+    `binary_data_size` against its shape; the data's elements only once all of that holds."""
+    from kserve.protocol.rest.v2_datamodels import (
+        InferenceRequest,  # kserve only after toolkit.serving.oip's argv guard
+    )
+    from kserve.utils.numpy_codec import to_np_dtype
+    from pydantic import ValidationError
+
+    try:
+        length = int(header_length)
+    except ValueError:
+        return f"Inference-Header-Content-Length must be an integer, got {header_length[:40]!r}"
+    if not 0 < length <= len(body):
+        return f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
+    try:
+        header = json.loads(body[:length])
+    except (ValueError, RecursionError):
+        return "the request's JSON header is not valid JSON"
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        return "the request's JSON header has no list of inputs"
+    # The same model the JSON path is validated with (ids, parameters, outputs, names, shapes),
+    # with the binary inputs' data standing in as empty.
+    try:
+        request = InferenceRequest.model_validate({**header, "inputs": [{"data": [], **tensor} for tensor in inputs]})
+    except ValidationError as exc:
+        return invalid_request_message(exc.errors())
+    problem = output_flags_problem(request) or (model and model.declared_problem(
+        [(tensor.get("name"), tensor.get("datatype"), tensor.get("shape")) for tensor in inputs]))
+    if problem:
+        return problem
+    offset = length
+    for tensor in inputs:
+        name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+        parameters = tensor.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            return f"input {name!r}: parameters must be an object"
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            return f"input {name!r} has no valid shape"
+        dtype = to_np_dtype(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
+            return f"input {name!r} has no valid datatype, got {str(datatype)[:40]!r}"
+        size = parameters.get("binary_data_size")
+        if size is None:
+            continue
+        if type(size) is not int or size < 0:
+            return f"input {name!r} has an invalid binary_data_size"
+        if "data" in tensor:  # which one would be read? gRPC refuses contents beside raw contents too
+            return f"input {name!r} has both data and binary_data_size; send one"
+        problem = raw_tensor_problem(name, datatype, shape, body[offset:offset + size])
+        if problem:
+            return problem
+        offset += size
+    if offset != len(body):
+        return f"the inputs' binary_data_size add up to {offset - length} bytes, the body holds {len(body) - length}"
+    return None
+
+
+def raw_tensor_problem(name: Any, datatype: str, shape: list[int], data: bytes) -> str | None:
+    """What is wrong with one input's raw bytes (the binary extension's, or gRPC's
+    `raw_input_contents`) for its datatype and shape, or None."""
+    from kserve.utils.numpy_codec import to_np_dtype
+
+    dtype = to_np_dtype(datatype)
+    if dtype is None:
+        return f"input {name!r} has no valid datatype, got {str(datatype)[:40]!r}"
+    if datatype == "BYTES":
+        if _utf8_elements(data, math.prod(shape)) != math.prod(shape):
+            # KServe decodes BYTES elements as text; files go base64-encoded, as in JSON.
+            return (f"input {name!r}: BYTES data must hold {math.prod(shape)} whole UTF-8 elements "
+                    "(send image files base64-encoded)")
+    elif len(data) != math.prod(shape) * np.dtype(dtype).itemsize:
+        return f"input {name!r}: {len(data)} bytes of data do not fit {datatype} shape {shape}"
+    return None
+
+
+def output_flags_problem(request: Any) -> str | None:
+    """What is wrong with an inference request's choice of binary outputs, or None: the
+    protocol's flags are booleans, and KServe would read any value as one."""
+    if not isinstance((request.parameters or {}).get("binary_data_output", False), bool):
+        return "parameters.binary_data_output must be true or false"
+    for output in request.outputs or ():
+        if not isinstance((output.parameters or {}).get("binary_data", False), bool):
+            return f"output {output.name!r}: parameters.binary_data must be true or false"
+    return None
+
+
+def _utf8_elements(data: bytes, most: int) -> int:
+    """How many elements a serialized BYTES tensor (each a 4-byte little-endian length, then
+    that many bytes) holds; -1 unless it is whole, every element is UTF-8 and there are at most
+    `most` (the shape's count: more is wrong, and is not read through)."""
+    offset, count = 0, 0
+    while offset < len(data):
+        if offset + 4 > len(data) or count == most:
+            return -1
+        size = int.from_bytes(data[offset:offset + 4], "little")
+        element = data[offset + 4:offset + 4 + size]
+        if len(element) != size:
+            return -1
+        try:
+            element.decode("utf-8")
+        except UnicodeDecodeError:
+            return -1
+        offset, count = offset + 4 + size, count + 1
+    return count
+
+
+def json_request(body: bytes, model: ExportModel) -> Any:
+    """An infer request's JSON body as KServe's request model, checked as `model` declares its
+    input before any element is converted; the body's values are counted (by their commas,
+    at C speed) before it is parsed at all: more than the model takes are refused unparsed."""
+    from kserve.errors import InvalidInput
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from pydantic import ValidationError
+
+    most = model.max_values + JSON_SLACK_VALUES
+    if body.count(b",") >= most:
+        raise InvalidInput(f"the request holds over {most:,} JSON values (counted by their commas); {model.name} "
+                           f"takes at most {model.max_values:,} a request")
+    try:
+        request = InferenceRequest.model_validate_json(body, strict=True)  # strict: no `true` for 1
+    except ValidationError as exc:
+        raise InvalidInput(invalid_request_message(exc.errors())) from None
+    problem = output_flags_problem(request) or model.declared_problem(
+        [(tensor.name, tensor.datatype, tensor.shape) for tensor in request.inputs])
+    for tensor in request.inputs:
+        if not problem and "binary_data_size" in (tensor.parameters or {}):  # KServe would read `data`
+            problem = f"input {tensor.name!r} has binary_data_size but the request is not in the binary extension"
+    if problem:
+        raise InvalidInput(problem)
+    return request
