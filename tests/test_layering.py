@@ -52,3 +52,9 @@ def test_no_stage_imports_from_a_stage_above_it():
               for target in targets
               if stage(module) and stage(target) and LAYER[stage(target)] > LAYER[stage(module)]]
     assert not upward, upward
+
+
+def test_no_module_is_longer_than_a_newcomer_reads_at_once():
+    long = {path.relative_to(REPO).as_posix(): n for path in (REPO / "toolkit").rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 450}
+    assert not long, long
