@@ -175,22 +175,3 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> sock
     return sock
 
 
-def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A socket bound and listening before the server starts: a taken port is one clear error,
-    no other server can bind the port while the model loads (a bound socket that does not
-    listen yet would let one), and connections that come meanwhile wait in its queue. TCP
-    named as the protocol: asyncio sets TCP_NODELAY only then (without it a reply waits ~40 ms)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ToolkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
