@@ -173,5 +173,3 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> sock
         sock.close()
         raise ToolkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
-
-
