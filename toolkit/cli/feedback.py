@@ -81,16 +81,10 @@ def feedback_export(
     evaluate (`evaluate --images OUT/heldout`) on; the split is by content (the same drawing is
     always on the same side), stable as the folder grows, and a drawing saved again with the same
     label is exported once."""
-    from toolkit.feedback.store import FeedbackStore, export_image_folder
+    from toolkit.feedback.store import export_feedback
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ToolkitError(f"{out} exists and is not an empty folder; choose a new folder")
-    examples, problems = FeedbackStore(folder).examples()
-    for problem in problems:
-        err_console.print(problem, highlight=False)
-    if not examples:
-        raise ToolkitError(f"{folder} holds no examples to export")
-    counts = export_image_folder(examples, out, heldout_percent)
+    counts = export_feedback(folder, out, heldout_percent,
+                             on_problem=lambda problem: err_console.print(problem, highlight=False))
     console.print(f"{counts['train']} examples to {out / 'train'}, {counts['heldout']} to {out / 'heldout'}"
                   + (f"; {counts['duplicates']} saved again left out" if counts["duplicates"] else ""))
 

@@ -22,7 +22,7 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -244,6 +244,21 @@ def export_image_folder(examples: list[Example], out: str | Path,
     except OSError as exc:
         raise ToolkitError(f"cannot write to {out}: {exc.strerror or exc}") from None
     return counts
+
+
+def export_feedback(folder: str | Path, out: str | Path, heldout_percent: int = HELDOUT_PERCENT, *,
+                    on_problem: Callable[[str], None] = print) -> dict[str, int]:
+    """`toolkit feedback export`: the examples in `folder` into `out`, a new or empty folder
+    (`export_image_folder`); each file that is not an example is passed to `on_problem`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ToolkitError(f"{out} exists and is not an empty folder; choose a new folder")
+    examples, problems = FeedbackStore(folder).examples()
+    for problem in problems:
+        on_problem(problem)
+    if not examples:
+        raise ToolkitError(f"{folder} holds no examples to export")
+    return export_image_folder(examples, out, heldout_percent)
 
 
 def write_review(examples: list[Example], problems: list[str], out: str | Path) -> dict[str, Any]:
