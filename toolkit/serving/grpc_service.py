@@ -14,9 +14,9 @@ from grpc_interceptor import AsyncServerInterceptor
 from toolkit.core.errors import ToolkitError
 from toolkit.serving.kserve_adapter import Undecodable, add_inference_service
 from toolkit.serving.metrics import Tally
-from toolkit.serving.oip import ExportModel, NotOffered
+from toolkit.serving.oip import ExportModel, NotOffered, quoted
 from toolkit.serving.options import GRACE_SECONDS, MAX_BODY
-from toolkit.serving.validation import raw_tensor_problem
+from toolkit.serving.validation import output_count_problem, raw_tensor_problem
 
 
 class GrpcCounter(AsyncServerInterceptor):
@@ -81,13 +81,14 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
                 raise InvalidInput(f"the call's bytes are not a ModelInferRequest ({request.error})")
             refuse_versions(request.model_version)
             model = models.get(request.model_name)  # KServe answers a name not served
-            problem = model and model.declared_problem([(t.name, t.datatype, list(t.shape)) for t in request.inputs])
+            problem = model and (output_count_problem(len(request.outputs), model) or model.declared_problem(
+                [(t.name, t.datatype, list(t.shape)) for t in request.inputs]))
             if problem:
                 raise InvalidInput(problem)
             if not request.raw_input_contents:
                 for tensor in request.inputs:
                     if _contents_count(tensor) != math.prod(tensor.shape):
-                        raise InvalidInput(f"input {tensor.name!r}: {_contents_count(tensor)} values do not fill "
+                        raise InvalidInput(f"input {quoted(tensor.name)}: {_contents_count(tensor)} values do not fill "
                                            f"shape {list(tensor.shape)}")
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):  # counts: KServe's check
                 problem = raw_tensor_problem(tensor.name, tensor.datatype, list(tensor.shape), raw)
