@@ -44,6 +44,19 @@ class GrpcCounter(AsyncServerInterceptor):
         return response
 
 
+class RefuseUndecodable(AsyncServerInterceptor):
+    """Refuses a call whose bytes are not its method's request as INVALID_ARGUMENT, whatever
+    the method (gRPC answered UNKNOWN with a traceback logged)."""
+
+    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+        from kserve.errors import InvalidInput
+
+        if isinstance(request, Undecodable):
+            raise InvalidInput(f"the call's bytes are not a {method_name.rsplit('/', 1)[-1][:40]}Request "
+                               f"({request.error})")
+        return await method(request, context)
+
+
 def _grpc_status(context: Any, handler: str) -> str:
     """How a gRPC call ended, as a status code's name; `handler`: whether its handler had
     answered, raised or was still running then."""
@@ -77,8 +90,6 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
 
     class GuardedServicer(InferenceServicer):
         async def ModelInfer(self, request: Any, context: Any) -> Any:
-            if isinstance(request, Undecodable):
-                raise InvalidInput(f"the call's bytes are not a ModelInferRequest ({request.error})")
             refuse_versions(request.model_version)
             model = models.get(request.model_name)  # KServe answers a name not served
             problem = model and (output_count_problem(len(request.outputs), model) or model.declared_problem(
@@ -115,7 +126,8 @@ async def start_grpc(dataplane: Any, extension: Any, host: str, port: int, model
     from grpc import aio
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 
-    interceptors = (GrpcCounter(frozenset(models)), LoggingInterceptor(), ExceptionToStatusInterceptor())
+    interceptors = (GrpcCounter(frozenset(models)), LoggingInterceptor(), ExceptionToStatusInterceptor(),
+                    RefuseUndecodable())
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                         options=[("grpc.max_receive_message_length", MAX_BODY),
                                  ("grpc.max_send_message_length", MAX_BODY)])
