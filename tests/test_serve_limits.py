@@ -244,3 +244,12 @@ def test_bytes_that_are_not_a_request_are_invalid_argument_for_every_grpc_method
 def test_error_messages_quote_the_request_truncated(server, request_json):
     response = httpx.post(f"{server['url']}/v2/models/lenet/infer", json=request_json, timeout=60)
     assert response.status_code == 400 and len(response.content) < 1000, response.content[:300]
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "ModelReady"])
+def test_a_grpc_model_name_not_served_is_quoted_truncated(server, method):
+    request = (service_pb2.ModelInferRequest(model_name="A" * 2**20) if method == "ModelInfer"
+               else getattr(service_pb2, f"{method}Request")(name="A" * 2**20))
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        getattr(service_pb2_grpc.GRPCInferenceServiceStub(channel), method)(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and len(refused.value.details()) < 1000

@@ -15,7 +15,7 @@ from toolkit.core.errors import ToolkitError
 from toolkit.serving.kserve_adapter import Undecodable, add_inference_service
 from toolkit.serving.metrics import Tally
 from toolkit.serving.oip import ExportModel, NotOffered, quoted
-from toolkit.serving.options import GRACE_SECONDS, MAX_BODY
+from toolkit.serving.options import GRACE_SECONDS, MAX_BODY, QUOTED_CHARS
 from toolkit.serving.validation import output_count_problem, raw_tensor_problem
 
 
@@ -81,19 +81,21 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
     not declare, and contents or raw contents that do not fit their shapes (INVALID_ARGUMENT,
     where KServe would fail with UNKNOWN or INTERNAL); each checked by its cheapest facts
     first: the declared inputs, then the counts, and only then the elements."""
-    from kserve.errors import InvalidInput
+    from kserve.errors import InvalidInput, ModelNotFound
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    def refuse_versions(version: str) -> None:
+    def refuse_unserved(name: str, version: str) -> None:
         if version:
             raise NotOffered("model versions are not served here; leave the version empty")
+        if name not in models:  # KServe's error would quote the name whole: a 1 MB name overflowed the trailer
+            raise ModelNotFound(name[:QUOTED_CHARS])
 
     class GuardedServicer(InferenceServicer):
         async def ModelInfer(self, request: Any, context: Any) -> Any:
-            refuse_versions(request.model_version)
-            model = models.get(request.model_name)  # KServe answers a name not served
-            problem = model and (output_count_problem(len(request.outputs), model) or model.declared_problem(
-                [(t.name, t.datatype, list(t.shape)) for t in request.inputs]))
+            refuse_unserved(request.model_name, request.model_version)
+            model = models[request.model_name]
+            problem = output_count_problem(len(request.outputs), model) or model.declared_problem(
+                [(t.name, t.datatype, list(t.shape)) for t in request.inputs])
             if problem:
                 raise InvalidInput(problem)
             if not request.raw_input_contents:
@@ -108,11 +110,11 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
             return await super().ModelInfer(request, context)
 
         async def ModelMetadata(self, request: Any, context: Any) -> Any:
-            refuse_versions(request.version)
+            refuse_unserved(request.name, request.version)
             return await super().ModelMetadata(request, context)
 
         async def ModelReady(self, request: Any, context: Any) -> Any:
-            refuse_versions(request.version)
+            refuse_unserved(request.name, request.version)
             return await super().ModelReady(request, context)
 
     return GuardedServicer(dataplane, extension)
