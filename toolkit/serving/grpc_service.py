@@ -16,7 +16,7 @@ from toolkit.serving.kserve_adapter import Undecodable, add_inference_service
 from toolkit.serving.metrics import Tally
 from toolkit.serving.oip import ExportModel, NotOffered, quoted
 from toolkit.serving.options import GRACE_SECONDS, MAX_BODY, QUOTED_CHARS
-from toolkit.serving.validation import output_count_problem, raw_tensor_problem
+from toolkit.serving.validation import counts_problem, raw_tensor_problem
 
 
 class GrpcCounter(AsyncServerInterceptor):
@@ -94,7 +94,7 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
         async def ModelInfer(self, request: Any, context: Any) -> Any:
             refuse_unserved(request.model_name, request.model_version)
             model = models[request.model_name]
-            problem = output_count_problem(len(request.outputs), model) or model.declared_problem(
+            problem = counts_problem(len(request.inputs), len(request.outputs), model) or model.declared_problem(
                 [(t.name, t.datatype, list(t.shape)) for t in request.inputs])
             if problem:
                 raise InvalidInput(problem)
