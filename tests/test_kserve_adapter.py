@@ -120,7 +120,7 @@ def test_binary_tensors_reach_the_model_as_the_arrays_sent():
     """)
 
 
-def test_model_infer_bytes_that_do_not_decode_reach_the_servicer():
+def test_grpc_bytes_that_do_not_decode_reach_the_servicer():
     _run("""
     from kserve.model_repository import ModelRepository
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
@@ -144,7 +144,9 @@ def test_model_infer_bytes_that_do_not_decode_reach_the_servicer():
     add_inference_service(server, InferenceServicer(BinaryKeepingDataPlane(model_registry=repository),
                                                     ModelRepositoryExtension(model_registry=repository)))
     assert len(server.generic) == 1 and list(server.registered) == ["inference.GRPCInferenceService"]
-    decode = server.registered["inference.GRPCInferenceService"]["ModelInfer"].request_deserializer
-    assert isinstance(decode(b"\\xff\\xff\\xff"), Undecodable)
+    handlers = server.registered["inference.GRPCInferenceService"]
+    assert all(isinstance(handler.request_deserializer(b"\\xff\\xff\\xff"), Undecodable)
+               for handler in handlers.values())
+    decode = handlers["ModelInfer"].request_deserializer
     assert decode(pb.ModelInferRequest(model_name="m").SerializeToString()).model_name == "m"
     """)

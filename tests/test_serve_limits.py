@@ -177,3 +177,82 @@ _REFUSALS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCo
 def test_fuzzed_grpc_requests_are_answered_or_refused_never_a_server_error(server, data):
     code, details = _model_infer(server["grpc"], data)
     assert code in _REFUSALS, (code, details, data)
+
+
+def _image_with(outputs=(), name="image", shape=(1, 1, 28, 28)):
+    """A JSON infer request for one image, as a dict: input `name` of `shape`, naming `outputs`."""
+    request = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(shape), "data": [0] * 784}]}
+    return {**request, "outputs": [{"name": output} for output in outputs]} if outputs else request
+
+
+def _binary_request(header):
+    """A request in the binary extension's framing holding only its JSON `header`."""
+    encoded = json.dumps(header).encode()
+    return {"content": encoded, "headers": {"Inference-Header-Content-Length": str(len(encoded))}}
+
+
+@pytest.mark.parametrize("framing", ["json", "binary"])
+def test_a_request_naming_many_outputs_is_refused_by_their_count_with_a_short_error(server, framing):
+    # 3 million output names held the loop 30 s and came back as a 24 MB error.
+    header = _image_with(outputs=["logits"] * 100_000)
+    request = {"json": header} if framing == "json" else _binary_request(header)
+    response = _health_answers_while(server["url"], lambda: httpx.post(
+        f"{server['url']}/v2/models/lenet/infer", timeout=60, **request))
+    assert response.status_code == 400 and len(response.content) < 1000, response.content[:300]
+
+
+@pytest.mark.parametrize("many", ["inputs", "outputs"])
+def test_grpc_naming_many_inputs_or_outputs_is_invalid_argument_with_a_short_error(server, many):
+    # 3 million inputs held the loop 8 s; 3 million output names overflowed the status trailer.
+    request = service_pb2.ModelInferRequest(model_name="lenet", raw_input_contents=[bytes(3136)])
+    request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 28, 28])
+    for _ in range(300_000):
+        getattr(request, many).add(name="image")
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        _health_answers_while(server["url"], lambda: service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(refused.value.details()) < 1000
+
+
+def test_a_binary_requests_json_header_is_capped_before_it_is_parsed(server):
+    # Tensor data belongs in the binary part: a 67 MB header of JSON numbers held the loop 3 s.
+    header = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [4096, 1, 28, 28],
+                          "data": [0] * 4096 * 784}]}
+    response = _health_answers_while(server["url"], lambda: httpx.post(
+        f"{server['url']}/v2/models/lenet/infer", timeout=60, **_binary_request(header)))
+    assert response.status_code == 400 and "JSON header" in response.json()["error"], response.text[:300]
+
+
+def test_a_get_with_a_trickled_body_is_refused_and_closed(server):
+    with socket.create_connection(("127.0.0.1", server["port"])) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        sock.settimeout(30)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer, answer
+        assert sock.recv(4096) == b""  # closed: the rest of the body is never read
+
+
+@pytest.mark.parametrize("method", ["ModelMetadata", "ModelReady", "ServerLive", "ServerMetadata", "ServerReady"])
+def test_bytes_that_are_not_a_request_are_invalid_argument_for_every_grpc_method(server, method):
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        channel.unary_unary(f"/inference.GRPCInferenceService/{method}", request_serializer=lambda raw: raw,
+                            response_deserializer=lambda raw: raw)(b"\xff\xff\xff\xff", timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in server["log"].read_text()
+
+
+@pytest.mark.parametrize("request_json", [
+    _image_with(name="A" * 2**20), _image_with(outputs=["A" * 2**20]), _image_with(shape=[1] * 300_000)],
+    ids=["input name", "output name", "shape"])
+def test_error_messages_quote_the_request_truncated(server, request_json):
+    response = httpx.post(f"{server['url']}/v2/models/lenet/infer", json=request_json, timeout=60)
+    assert response.status_code == 400 and len(response.content) < 1000, response.content[:300]
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "ModelReady"])
+def test_a_grpc_model_name_not_served_is_quoted_truncated(server, method):
+    request = (service_pb2.ModelInferRequest(model_name="A" * 2**20) if method == "ModelInfer"
+               else getattr(service_pb2, f"{method}Request")(name="A" * 2**20))
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        getattr(service_pb2_grpc.GRPCInferenceServiceStub(channel), method)(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and len(refused.value.details()) < 1000

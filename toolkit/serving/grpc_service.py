@@ -14,9 +14,9 @@ from grpc_interceptor import AsyncServerInterceptor
 from toolkit.core.errors import ToolkitError
 from toolkit.serving.kserve_adapter import Undecodable, add_inference_service
 from toolkit.serving.metrics import Tally
-from toolkit.serving.oip import ExportModel, NotOffered
-from toolkit.serving.options import GRACE_SECONDS, MAX_BODY
-from toolkit.serving.validation import raw_tensor_problem
+from toolkit.serving.oip import ExportModel, NotOffered, quoted
+from toolkit.serving.options import GRACE_SECONDS, MAX_BODY, QUOTED_CHARS
+from toolkit.serving.validation import counts_problem, raw_tensor_problem
 
 
 class GrpcCounter(AsyncServerInterceptor):
@@ -44,6 +44,19 @@ class GrpcCounter(AsyncServerInterceptor):
         return response
 
 
+class RefuseUndecodable(AsyncServerInterceptor):
+    """Refuses a call whose bytes are not its method's request as INVALID_ARGUMENT, whatever
+    the method (gRPC answered UNKNOWN with a traceback logged)."""
+
+    async def intercept(self, method: Callable[..., Any], request: Any, context: Any, method_name: str) -> Any:
+        from kserve.errors import InvalidInput
+
+        if isinstance(request, Undecodable):
+            raise InvalidInput(f"the call's bytes are not a {method_name.rsplit('/', 1)[-1][:40]}Request "
+                               f"({request.error})")
+        return await method(request, context)
+
+
 def _grpc_status(context: Any, handler: str) -> str:
     """How a gRPC call ended, as a status code's name; `handler`: whether its handler had
     answered, raised or was still running then."""
@@ -68,26 +81,27 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
     not declare, and contents or raw contents that do not fit their shapes (INVALID_ARGUMENT,
     where KServe would fail with UNKNOWN or INTERNAL); each checked by its cheapest facts
     first: the declared inputs, then the counts, and only then the elements."""
-    from kserve.errors import InvalidInput
+    from kserve.errors import InvalidInput, ModelNotFound
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    def refuse_versions(version: str) -> None:
+    def refuse_unserved(name: str, version: str) -> None:
         if version:
             raise NotOffered("model versions are not served here; leave the version empty")
+        if name not in models:  # KServe's error would quote the name whole: a 1 MB name overflowed the trailer
+            raise ModelNotFound(name[:QUOTED_CHARS])
 
     class GuardedServicer(InferenceServicer):
         async def ModelInfer(self, request: Any, context: Any) -> Any:
-            if isinstance(request, Undecodable):
-                raise InvalidInput(f"the call's bytes are not a ModelInferRequest ({request.error})")
-            refuse_versions(request.model_version)
-            model = models.get(request.model_name)  # KServe answers a name not served
-            problem = model and model.declared_problem([(t.name, t.datatype, list(t.shape)) for t in request.inputs])
+            refuse_unserved(request.model_name, request.model_version)
+            model = models[request.model_name]
+            problem = counts_problem(len(request.inputs), len(request.outputs), model) or model.declared_problem(
+                [(t.name, t.datatype, list(t.shape)) for t in request.inputs])
             if problem:
                 raise InvalidInput(problem)
             if not request.raw_input_contents:
                 for tensor in request.inputs:
                     if _contents_count(tensor) != math.prod(tensor.shape):
-                        raise InvalidInput(f"input {tensor.name!r}: {_contents_count(tensor)} values do not fill "
+                        raise InvalidInput(f"input {quoted(tensor.name)}: {_contents_count(tensor)} values do not fill "
                                            f"shape {list(tensor.shape)}")
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):  # counts: KServe's check
                 problem = raw_tensor_problem(tensor.name, tensor.datatype, list(tensor.shape), raw)
@@ -96,11 +110,11 @@ def _guarded_servicer(dataplane: Any, extension: Any, models: Mapping[str, Expor
             return await super().ModelInfer(request, context)
 
         async def ModelMetadata(self, request: Any, context: Any) -> Any:
-            refuse_versions(request.version)
+            refuse_unserved(request.name, request.version)
             return await super().ModelMetadata(request, context)
 
         async def ModelReady(self, request: Any, context: Any) -> Any:
-            refuse_versions(request.version)
+            refuse_unserved(request.name, request.version)
             return await super().ModelReady(request, context)
 
     return GuardedServicer(dataplane, extension)
@@ -114,7 +128,8 @@ async def start_grpc(dataplane: Any, extension: Any, host: str, port: int, model
     from grpc import aio
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 
-    interceptors = (GrpcCounter(frozenset(models)), LoggingInterceptor(), ExceptionToStatusInterceptor())
+    interceptors = (GrpcCounter(frozenset(models)), LoggingInterceptor(), ExceptionToStatusInterceptor(),
+                    RefuseUndecodable())
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                         options=[("grpc.max_receive_message_length", MAX_BODY),
                                  ("grpc.max_send_message_length", MAX_BODY)])

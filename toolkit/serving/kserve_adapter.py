@@ -19,7 +19,7 @@ nowhere else (pyproject.toml caps kserve below its next minor for them). Each, a
   `BinaryKeepingDataPlane` overrides;
 - KServe's generated gRPC code (`add_GRPCInferenceServiceServicer_to_server`) adding its
   handlers with `add_generic_rpc_handlers`, then `add_registered_method_handlers`:
-  `add_inference_service` swaps ModelInfer's request decoder there.
+  `add_inference_service` swaps every method's request decoder there.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ class BinaryKeepingDataPlane(DataPlane):
 
 
 class Undecodable:
-    """A ModelInfer call whose bytes are not a ModelInferRequest: gRPC would answer UNKNOWN
-    and log a traceback for the decoder's error; the servicer refuses it as INVALID_ARGUMENT."""
+    """A call whose bytes are not its method's request: gRPC would answer UNKNOWN and log a
+    traceback for the decoder's error; the server refuses it as INVALID_ARGUMENT."""
 
     model_name = model_version = ""
 
@@ -151,9 +151,9 @@ def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return tolerant
 
 
-class _TolerantModelInfer:
+class _TolerantDecoders:
     """Stands for the gRPC server while KServe's generated code adds its service's handlers, and
-    adds them with ModelInfer's request decoder made `_tolerant`."""
+    adds them with every method's request decoder made `_tolerant`."""
 
     def __init__(self, server: Any) -> None:
         self.server = server
@@ -162,16 +162,15 @@ class _TolerantModelInfer:
         """Made from the same handlers in `add_registered_method_handlers`, which comes next."""
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        infer = handlers["ModelInfer"]
-        tolerant = infer._replace(request_deserializer=_tolerant(infer.request_deserializer))
-        handlers = {**handlers, "ModelInfer": tolerant}
+        handlers = {name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+                    for name, handler in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         self.server.add_registered_method_handlers(service, handlers)
 
 
 def add_inference_service(server: Any, servicer: Any) -> None:
     """KServe's gRPC inference service on `server`, served by `servicer`; a ModelInfer call whose
-    bytes do not decode reaches the servicer as an `Undecodable`."""
+    bytes do not decode reaches the interceptors and servicer as an `Undecodable`."""
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _TolerantModelInfer(server))
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _TolerantDecoders(server))

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import math
+import reprlib
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from toolkit.imaging.preprocess import preprocess
 from toolkit.runtime.predictor import Predictor, ReloadingPredictor, usable_cores
 from toolkit.serving.batching import DynamicBatcher
 from toolkit.serving.kserve_adapter import import_kserve
+from toolkit.serving.options import QUOTED_CHARS
 
 kserve = import_kserve()
 from kserve import InferOutput, InferRequest, InferResponse  # noqa: E402  (after the argv guard)
@@ -44,12 +46,22 @@ MAX_PIXELS_PER_REQUEST = 50_000_000  # all of a request's images together: secon
 INLINE_VALUES = 64 * 784  # tensors with more values are converted and checked off the event loop
 
 
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlist, _QUOTE.maxlevel = QUOTED_CHARS, QUOTED_CHARS, 8, 2
+
+
+def quoted(value: Any) -> str:
+    """`value` (a name, shape or list of the client's: any size) as an error message quotes it:
+    its repr, cut short (a 5 MB name came back as a 5 MB error)."""
+    return _QUOTE.repr(value)
+
+
 def declared_problem(inputs: Sequence[tuple[Any, Any, Any]], datatype: str) -> str | None:
     """What is wrong with a request's inputs as declared (name, datatype, shape; no data), or
     None: the cheapest facts, checked before any element is read."""
     names = [name for name, _, _ in inputs]
     if names != [INPUT_NAME]:
-        return f"expected one input {INPUT_NAME!r}, got {names or 'none'}"
+        return f"expected one input {INPUT_NAME!r}, got {quoted(names) if names else 'none'}"
     _, declared, shape = inputs[0]
     if declared != datatype:
         return f"input {INPUT_NAME!r} must be {datatype}, got {str(declared)[:40]}"
@@ -57,11 +69,11 @@ def declared_problem(inputs: Sequence[tuple[Any, Any, Any]], datatype: str) -> s
     if datatype == "FP32" and not (isinstance(shape, list) and len(shape) == 4 and shape[1:] == list(IMAGE_SHAPE)
                                    and type(shape[0]) is int and 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST):
         return (f"input {INPUT_NAME!r} must have shape [N, 1, 28, 28] with N from 1 to {MAX_IMAGES_PER_REQUEST} "
-                f"(at most {MAX_IMAGES_PER_REQUEST} images a request: send more in several), got {shape}")
+                f"(at most {MAX_IMAGES_PER_REQUEST} images a request: send more in several), got {quoted(shape)}")
     if datatype == "BYTES" and not (isinstance(shape, list) and 1 <= len(shape) <= 2 and shape[1:] in ([], [1])
                                     and type(shape[0]) is int and 1 <= shape[0] <= MAX_FILES_PER_REQUEST):
         return (f"input {INPUT_NAME!r} must have shape [N] (or [N, 1]) with N from 1 to {MAX_FILES_PER_REQUEST} "
-                f"(at most {MAX_FILES_PER_REQUEST} image files a request), got {shape}")
+                f"(at most {MAX_FILES_PER_REQUEST} image files a request), got {quoted(shape)}")
     return None
 
 
@@ -76,7 +88,7 @@ def _as_numpy(tensor: Any) -> np.ndarray:
     try:
         return tensor.as_numpy()
     except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"input {tensor.name!r}: its data does not fit {tensor.datatype} shape "
+        raise InvalidInput(f"input {quoted(tensor.name)}: its data does not fit {tensor.datatype} shape "
                            f"{tensor.shape} ({str(exc).splitlines()[0][:120]})") from None
 
 
@@ -85,18 +97,19 @@ def _json_numbers(tensor: Any) -> np.ndarray:
     ("0.5") and booleans as numbers, and answer as if they were pixels."""
     flat = not isinstance(tensor.data[0], list)
     if flat and len(tensor.data) != math.prod(tensor.shape):  # before converting a single element
-        raise InvalidInput(f"input {tensor.name!r}: {len(tensor.data)} values do not fill shape {tensor.shape}")
+        raise InvalidInput(f"input {quoted(tensor.name)}: {len(tensor.data)} values do not fill shape {tensor.shape}")
     try:
         values = np.array(tensor.data)
     except ValueError:  # nested lists of different lengths
         values = np.array([], dtype=object)
     if values.dtype.kind not in "iuf":
-        raise InvalidInput(f"input {tensor.name!r}: its data must be numbers (no strings, booleans or nulls) "
+        raise InvalidInput(f"input {quoted(tensor.name)}: its data must be numbers (no strings, booleans or nulls) "
                            f"that fill shape {tensor.shape}")
     try:
         return values.reshape(tensor.shape)
     except ValueError:
-        raise InvalidInput(f"input {tensor.name!r}: {values.size} values do not fill shape {tensor.shape}") from None
+        raise InvalidInput(f"input {quoted(tensor.name)}: {values.size} values do not fill shape "
+                           f"{tensor.shape}") from None
 
 
 def images_from(request: InferRequest) -> np.ndarray:
@@ -141,9 +154,9 @@ def _response(model: kserve.Model, request: InferRequest, outputs: list[InferOut
     requested = [wanted.name for wanted in request.request_outputs or ()]
     for name in requested:  # KServe's gRPC side would leave them out unsaid
         if name not in by_name:
-            raise InvalidInput(f"{model.name} has no output {name!r}; it answers {', '.join(by_name)}")
+            raise InvalidInput(f"{model.name} has no output {quoted(name)}; it answers {', '.join(by_name)}")
     if len(set(requested)) < len(requested):
-        raise InvalidInput(f"outputs {requested} name an output more than once")
+        raise InvalidInput(f"outputs {quoted(requested)} name an output more than once")
     if requested:  # KServe's REST side picks them out itself, its gRPC side sends every output
         outputs = [by_name[name] for name in requested]
     # The protocol makes the request id optional, kserve's response model requires one.

@@ -21,6 +21,10 @@ MAX_HEADER_BYTES = 64 * 1024  # a request's line and headers; nginx's default is
 HEADER_TIMEOUT_S = 10  # longest a request's line and headers may take to arrive (and a new connection's first byte)
 INLINE_JSON_BYTES = 256 * 1024  # JSON bodies up to this are parsed on the event loop (well under 10 ms)
 JSON_SLACK_VALUES = 10_000  # JSON values a request may hold beyond its tensor's: ids, parameters, outputs
+# JSON objects a request may hold, counted by their '{' before it is parsed: the request, its
+# inputs and outputs and their parameters. 3 million output objects held the loop 30 s.
+MAX_JSON_OBJECTS = 64
+QUOTED_CHARS = 100  # the most of a name, shape or value an error message quotes
 # Linux spreads new connections over the sockets sharing a port with SO_REUSEPORT (other
 # systems give them all to one), so each worker listens on its own. On one shared socket, the
 # worker that wakes first accepts every connection waiting: 16 clients connecting at once all

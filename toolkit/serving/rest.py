@@ -41,10 +41,16 @@ _BINARY_HEADER = b"inference-header-content-length"
 _SERVED_PATHS = ("/v2/", "/metrics")
 
 
-async def _answer(send: Send, status: int, message: str) -> None:
-    # The body was left unread after a 408 or 413: the connection's next bytes are not a request.
-    close = [(b"connection", b"close")] if status in (408, 413) else []
+async def _answer(send: Send, status: int, message: str, unread_body: bool = False) -> None:
+    # The body was left unread (as after a 408 or 413): the connection's next bytes are not a
+    # request, and a client trickling them would hold it open forever.
+    close = [(b"connection", b"close")] if unread_body or status in (408, 413) else []
     await send_json(send, status, {"error": message}, close)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"", b"0")
 
 
 class HeaderGuard(HttpToolsProtocol):
@@ -159,9 +165,13 @@ class ProtocolGuard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> int | None:
         """Answers the request; returns CLIENT_GONE when the client left before its answer."""
         if not scope["path"].startswith(_SERVED_PATHS):  # KServe's v1 and docs routes: not this server's
-            await _answer(send, 404, f"not found: {scope['path'][:100]}; this server speaks the v2 protocol")
+            await _answer(send, 404, f"not found: {scope['path'][:100]}; this server speaks the v2 protocol",
+                          _has_body(scope))
             return None
         if scope["method"] != "POST":
+            if _has_body(scope):  # no such route reads one: the body cap and time limit would never apply
+                await _answer(send, 400, f"a {scope['method'][:10]} request takes no body", unread_body=True)
+                return None
             await self.app(scope, receive, send)
             return None
         try:
