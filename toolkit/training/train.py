@@ -1,6 +1,6 @@
 """The training loop, in the shape of pytorch/examples' mnist/main.py: `train_one_epoch` and
-`evaluate` per epoch, with in-memory batches, checkpoints, resume, and a run dir that is
-claimed before any work and never left half-made."""
+`measure_test_set` (its `test`) per epoch, with in-memory batches, checkpoints, resume, and a run
+dir that is claimed before any work and never left half-made."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.training.config import TrainConfig, continued_config, load_resume_state, make_config
 from toolkit.training.distributed import Distributed, resolve_device
 
-__all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "evaluate", "make_config", "train", "train_one_epoch"]
+__all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "make_config", "measure_test_set", "train",
+           "train_one_epoch"]
 
 
 def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -132,7 +133,8 @@ def train_one_epoch(
     return loss_sum, correct, seen
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> tuple[float, float]:
+def measure_test_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     config: TrainConfig) -> tuple[float, float]:
     """Test loss and accuracy over `images` [N,1,28,28] in [0, 1], in eval mode."""
     logits = predict_logits(model, images, config.mean, config.std)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
@@ -365,7 +367,7 @@ def _run(
         sums = train_one_epoch(train_model, optimizer, scheduler, data.train_x, data.train_y, batches, config,
                                augment, update)
         loss_sum, correct, seen = ddp.sum(list(sums), device)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, config)
+        test_loss, test_acc = measure_test_set(model, data.test_x, data.test_y, config)
         stats = EpochStats(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen, test_loss=test_loss,
                            test_acc=test_acc, seconds=time.perf_counter() - started,
                            lr=optimizer.param_groups[0]["lr"])
